@@ -1,0 +1,262 @@
+//! What to do with one request, from the plugin configuration, the cluster's health table and
+//! the retry budget. Pure, so every rule is unit-tested without a host.
+
+use crate::config::Config;
+use crate::health::ClusterTable;
+use crate::rng::Rng;
+
+/// Retry conditions that are safe whatever the method: the endpoint never saw the request.
+pub const RETRY_ON_UNSENT: &str = "connect-failure,refused-stream,reset-before-request";
+/// For idempotent methods a reset after sending, or a retriable status, is retried too.
+pub const RETRY_ON_IDEMPOTENT: &str = "connect-failure,refused-stream,reset,retriable-status-codes";
+const RETRY_ON_IDEMPOTENT_NO_CODES: &str = "connect-failure,refused-stream,reset";
+
+/// Request facts the decision depends on.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestFacts<'a> {
+    pub method: &'a str,
+    /// The request already carries `x-envoy-retry-on`, `x-envoy-retry-grpc-on` or `x-envoy-max-retries`.
+    pub has_retry_headers: bool,
+    /// The request already carries the override header (someone else steers it).
+    pub has_override_header: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPlan {
+    pub retry_on: &'static str,
+    pub max_retries: u32,
+    /// `x-envoy-retriable-status-codes`, for idempotent requests.
+    pub status_codes: Option<String>,
+    pub per_try_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decision {
+    pub fallback: bool,
+    pub retry: Option<RetryPlan>,
+    /// Endpoints for the override header, first attempt first. Empty: do not steer.
+    pub steer: Vec<String>,
+    /// Retries were wanted but the budget refused them.
+    pub budget_exhausted: bool,
+}
+
+pub fn is_idempotent(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE")
+}
+
+/// Whether the cluster's endpoint set looks too stale to use.
+pub fn fallback_active(config: &Config, table: &ClusterTable, now_ms: u64) -> bool {
+    let Some(fallback) = &config.fallback else { return false };
+    if table.no_upstream_until_ms > now_ms {
+        return true;
+    }
+    let (ejected, known) = table.counts(now_ms, config.ejection.endpoint_ttl_ms);
+    known > 0 && ejected as f64 >= fallback.ejected_share * known as f64
+}
+
+/// Decides for one request. `retries_available` is what the budget allows right now.
+pub fn decide(
+    config: &Config,
+    facts: &RequestFacts<'_>,
+    table: &ClusterTable,
+    now_ms: u64,
+    retries_available: u32,
+    rng: &mut Rng,
+) -> Decision {
+    let mut decision = Decision { fallback: fallback_active(config, table, now_ms), ..Decision::default() };
+
+    let r = &config.retry;
+    if r.enabled && !facts.has_retry_headers && r.max_retries > 0 {
+        let max_retries = r.max_retries.min(retries_available);
+        if max_retries == 0 {
+            decision.budget_exhausted = true;
+        } else if is_idempotent(facts.method) {
+            let codes = (!r.retriable_status_codes.is_empty()).then(|| {
+                r.retriable_status_codes.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+            });
+            decision.retry = Some(RetryPlan {
+                retry_on: if codes.is_some() { RETRY_ON_IDEMPOTENT } else { RETRY_ON_IDEMPOTENT_NO_CODES },
+                max_retries,
+                status_codes: codes,
+                per_try_timeout_ms: r.per_try_timeout_ms,
+            });
+        } else {
+            decision.retry = Some(RetryPlan {
+                retry_on: RETRY_ON_UNSENT,
+                max_retries,
+                status_codes: None,
+                per_try_timeout_ms: r.per_try_timeout_ms,
+            });
+        }
+    }
+
+    if let Some(o) = &config.endpoint_override {
+        let troubled = table.ejected_count(now_ms) > 0 || table.suspect_until_ms > now_ms;
+        if !decision.fallback && !facts.has_override_header && troubled && !rng.chance(o.explore_ratio) {
+            let attempts = decision.retry.as_ref().map_or(1, |p| p.max_retries as usize + 1);
+            decision.steer = sample(table.healthy_addresses(now_ms, config.ejection.endpoint_ttl_ms), attempts, rng);
+        }
+    }
+    decision
+}
+
+/// Up to `n` of `items` in random order (partial Fisher-Yates).
+fn sample(mut items: Vec<&str>, n: usize, rng: &mut Rng) -> Vec<String> {
+    let n = n.min(items.len());
+    for i in 0..n {
+        let j = i + rng.below(items.len() - i);
+        items.swap(i, j);
+    }
+    items.into_iter().take(n).map(str::to_string).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+    use crate::health::{Observation, Policy};
+    use crate::outcome::FailureKind;
+
+    const GET: RequestFacts<'static> = RequestFacts { method: "GET", has_retry_headers: false, has_override_header: false };
+
+    fn table(healthy: &[&str], ejected: &[&str]) -> ClusterTable {
+        let policy = Policy::from_config(&Config::default());
+        let mut t = ClusterTable::default();
+        for a in healthy {
+            t.apply(&Observation::Success(a), 0, &policy, 0);
+        }
+        for a in ejected {
+            t.apply(&Observation::Failure(a, FailureKind::ConnectFailure), 0, &policy, 0);
+        }
+        t
+    }
+
+    fn steering() -> Config {
+        Config::parse(br#"{"endpointOverride":{"exploreRatio":0}}"#).unwrap_or_default()
+    }
+
+    #[test]
+    fn defaults_retry_gets_on_everything_that_is_safe() {
+        let d = decide(&Config::default(), &GET, &ClusterTable::default(), 0, 100, &mut Rng::new(1));
+        let plan = d.retry.unwrap_or_else(|| unreachable!());
+        assert_eq!(plan.retry_on, RETRY_ON_IDEMPOTENT);
+        assert_eq!(plan.max_retries, 10);
+        assert_eq!(plan.status_codes.as_deref(), Some("502,503"));
+        assert!(d.steer.is_empty() && !d.fallback);
+    }
+
+    #[test]
+    fn post_is_retried_only_when_nothing_was_sent() {
+        let post = RequestFacts { method: "POST", ..GET };
+        let d = decide(&Config::default(), &post, &ClusterTable::default(), 0, 100, &mut Rng::new(1));
+        let plan = d.retry.unwrap_or_else(|| unreachable!());
+        assert_eq!(plan.retry_on, RETRY_ON_UNSENT);
+        assert!(!plan.retry_on.split(',').any(|c| c == "reset" || c == "retriable-status-codes" || c == "5xx"));
+        assert_eq!(plan.status_codes, None);
+        assert!(!is_idempotent("PATCH"));
+    }
+
+    #[test]
+    fn existing_retry_headers_are_left_alone() {
+        let facts = RequestFacts { has_retry_headers: true, ..GET };
+        let d = decide(&Config::default(), &facts, &ClusterTable::default(), 0, 100, &mut Rng::new(1));
+        assert_eq!(d.retry, None);
+        assert!(!d.budget_exhausted);
+    }
+
+    #[test]
+    fn budget_caps_retries() {
+        let d = decide(&Config::default(), &GET, &ClusterTable::default(), 0, 3, &mut Rng::new(1));
+        assert_eq!(d.retry.map(|p| p.max_retries), Some(3));
+        let d = decide(&Config::default(), &GET, &ClusterTable::default(), 0, 0, &mut Rng::new(1));
+        assert_eq!(d.retry, None);
+        assert!(d.budget_exhausted);
+    }
+
+    #[test]
+    fn no_steering_while_nothing_is_wrong() {
+        let t = table(&["a:1", "b:1", "c:1"], &[]);
+        assert!(decide(&steering(), &GET, &t, 1, 10, &mut Rng::new(1)).steer.is_empty());
+    }
+
+    #[test]
+    fn steering_avoids_ejected_endpoints() {
+        let t = table(&["a:1", "b:1", "c:1"], &["b:1"]);
+        for seed in 0..200 {
+            let d = decide(&steering(), &GET, &t, 1, 10, &mut Rng::new(seed));
+            assert_eq!(d.steer.len(), 2);
+            assert!(!d.steer.iter().any(|a| a == "b:1"), "{:?}", d.steer);
+        }
+    }
+
+    #[test]
+    fn steering_spreads_first_attempts() {
+        let t = table(&["a:1", "b:1", "c:1", "d:1"], &["d:1"]);
+        let mut firsts = std::collections::BTreeMap::new();
+        let mut rng = Rng::new(7);
+        for _ in 0..3_000 {
+            let d = decide(&steering(), &GET, &t, 1, 10, &mut rng);
+            *firsts.entry(d.steer.first().cloned().unwrap_or_default()).or_insert(0) += 1;
+        }
+        assert_eq!(firsts.len(), 3);
+        assert!(firsts.values().all(|&n| n > 800), "{firsts:?}");
+    }
+
+    #[test]
+    fn list_length_follows_the_attempts() {
+        let t = table(&["a:1", "b:1", "c:1", "d:1"], &["d:1"]);
+        let d = decide(&steering(), &GET, &t, 1, 1, &mut Rng::new(3));
+        assert_eq!(d.steer.len(), 2, "one try and one retry");
+    }
+
+    #[test]
+    fn safety_valve_when_everything_is_ejected() {
+        let t = table(&[], &["a:1", "b:1"]);
+        assert!(decide(&steering(), &GET, &t, 1, 10, &mut Rng::new(1)).steer.is_empty());
+    }
+
+    #[test]
+    fn explore_ratio_leaves_some_requests_to_envoy() {
+        let config = Config::parse(br#"{"endpointOverride":{"exploreRatio":0.25}}"#).unwrap_or_default();
+        let t = table(&["a:1", "b:1"], &["c:1"]);
+        let mut rng = Rng::new(11);
+        let unsteered = (0..4_000).filter(|_| decide(&config, &GET, &t, 1, 10, &mut rng).steer.is_empty()).count();
+        assert!((800..1_200).contains(&unsteered), "{unsteered}");
+    }
+
+    #[test]
+    fn someone_elses_override_header_wins() {
+        let t = table(&["a:1", "b:1"], &["c:1"]);
+        let facts = RequestFacts { has_override_header: true, ..GET };
+        assert!(decide(&steering(), &facts, &t, 1, 10, &mut Rng::new(1)).steer.is_empty());
+    }
+
+    #[test]
+    fn suspect_cluster_is_steered() {
+        let mut t = table(&["a:1", "b:1"], &[]);
+        t.suspect_until_ms = 100;
+        assert_eq!(decide(&steering(), &GET, &t, 50, 10, &mut Rng::new(1)).steer.len(), 2);
+        assert!(decide(&steering(), &GET, &t, 100, 10, &mut Rng::new(1)).steer.is_empty());
+    }
+
+    #[test]
+    fn fallback_by_ejected_share_and_no_upstream() {
+        let config = Config::parse(br#"{"fallback":{"ejectedShare":0.5}}"#).unwrap_or_default();
+        assert!(!fallback_active(&config, &table(&["a:1", "b:1", "c:1"], &["c:1"]), 1));
+        assert!(fallback_active(&config, &table(&["a:1", "b:1"], &["a:1"]), 1));
+        assert!(fallback_active(&config, &table(&[], &["a:1"]), 1));
+        assert!(!fallback_active(&config, &ClusterTable::default(), 1), "nothing known, nothing stale");
+        let t = ClusterTable { no_upstream_until_ms: 10, ..ClusterTable::default() };
+        assert!(fallback_active(&config, &t, 5));
+        assert!(!fallback_active(&Config::default(), &t, 5), "not configured");
+    }
+
+    #[test]
+    fn fallback_does_not_steer() {
+        let config = Config::parse(br#"{"endpointOverride":{"exploreRatio":0},"fallback":{}}"#).unwrap_or_default();
+        let d = decide(&config, &GET, &table(&["a:1"], &["b:1", "c:1"]), 1, 10, &mut Rng::new(1));
+        assert!(d.fallback && d.steer.is_empty());
+    }
+}

@@ -1,0 +1,458 @@
+//! proxy-wasm glue: reads what Envoy exposes, asks the pure modules what to do, and applies it.
+//!
+//! Host calls go through `proxy_wasm::hostcalls` directly, whose results are `Result`s: the
+//! SDK's trait helpers unwrap host errors, and a panic here would kill the VM and fail traffic.
+
+use crate::budget::RetryBudget;
+use crate::config::Config;
+use crate::decision::{decide, RequestFacts};
+use crate::health::{failed_steered, Applied, ClusterTable, Observation, Policy};
+use crate::outcome::{classify, FailureKind, Outcome, ResponseFlags};
+use crate::properties;
+use crate::rng::Rng;
+use crate::store::{self, SetError, SharedStore};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
+
+proxy_wasm::main! {{
+    std::panic::set_hook(Box::new(|info| {
+        let _ = hostcalls::log(LogLevel::Critical, &format!("churn-guard: {info}"));
+    }));
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+}}
+
+/// Tables read from shared data are reused for this long before being read again. Local writes
+/// refresh the cache at once; other workers' ejections arrive within this delay.
+const TABLE_REFRESH_MS: u64 = 100;
+const MAX_CACHED_CLUSTERS: usize = 1024;
+const VM_SEQUENCE_KEY: &str = "churn-guard.v1.vm-sequence";
+const RETRY_HEADERS: [&str; 3] = ["x-envoy-retry-on", "x-envoy-retry-grpc-on", "x-envoy-max-retries"];
+const DEBUG_HEADER: &str = "x-churn-guard";
+
+mod host {
+    use super::*;
+
+    pub fn log(level: LogLevel, message: &str) {
+        let _ = hostcalls::log(level, message);
+    }
+
+    pub fn debug_enabled() -> bool {
+        matches!(hostcalls::get_log_level(), Ok(LogLevel::Trace | LogLevel::Debug))
+    }
+
+    pub fn now_ms() -> u64 {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn property(path: &[&str]) -> Option<Vec<u8>> {
+        hostcalls::get_property(path.to_vec()).ok().flatten()
+    }
+
+    pub fn property_string(path: &[&str]) -> Option<String> {
+        property(path).and_then(properties::string)
+    }
+
+    pub fn property_int(path: &[&str]) -> Option<u64> {
+        property(path).and_then(|b| properties::int(&b))
+    }
+
+    pub fn request_header(name: &str) -> Option<String> {
+        hostcalls::get_map_value(MapType::HttpRequestHeaders, name).ok().flatten()
+    }
+
+    pub fn set_header(map: MapType, name: &str, value: &str) -> bool {
+        match hostcalls::set_map_value(map, name, Some(value)) {
+            Ok(()) => true,
+            Err(status) => {
+                log(LogLevel::Warn, &format!("churn-guard: could not set header {name}: {status:?}"));
+                false
+            }
+        }
+    }
+
+    /// The cluster the request is routed to: known once the route is resolved.
+    pub fn cluster_name() -> Option<String> {
+        property_string(&["xds", "cluster_name"]).or_else(|| property_string(&["cluster_name"]))
+    }
+}
+
+/// proxy-wasm shared data: one store for all worker VMs with the same vm_id.
+struct HostStore;
+
+impl SharedStore for HostStore {
+    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        hostcalls::get_shared_data(key).unwrap_or((None, None))
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
+        hostcalls::set_shared_data(key, Some(value), cas).map_err(|s| match s {
+            Status::CasMismatch => SetError::CasMismatch,
+            _ => SetError::Host,
+        })
+    }
+}
+
+/// Envoy stats, named `wasmcustom.churn_guard.*` in `/stats`. Counters from all workers add up.
+#[derive(Default)]
+struct Metrics {
+    ejections: Option<u32>,
+    retries_added: Option<u32>,
+    retries_denied: Option<u32>,
+    retries_performed: Option<u32>,
+    steered: Option<u32>,
+    fallbacks: Option<u32>,
+    no_upstream: Option<u32>,
+    failures: [Option<u32>; 5],
+    ejected_endpoints: Option<u32>,
+    known_endpoints: Option<u32>,
+}
+
+impl Metrics {
+    fn define() -> Self {
+        let counter = |name: &str| define(MetricType::Counter, name);
+        Self {
+            ejections: counter("churn_guard.ejections"),
+            retries_added: counter("churn_guard.retries_added"),
+            retries_denied: counter("churn_guard.retries_denied_budget"),
+            retries_performed: counter("churn_guard.retries_performed"),
+            steered: counter("churn_guard.steered"),
+            fallbacks: counter("churn_guard.fallbacks"),
+            no_upstream: counter("churn_guard.no_healthy_upstream"),
+            failures: FailureKind::ALL.map(|k| counter(&format!("churn_guard.failures.{}", k.name()))),
+            ejected_endpoints: define(MetricType::Gauge, "churn_guard.ejected_endpoints"),
+            known_endpoints: define(MetricType::Gauge, "churn_guard.known_endpoints"),
+        }
+    }
+
+    fn failure(&self, kind: FailureKind) -> Option<u32> {
+        let idx = FailureKind::ALL.iter().position(|k| *k == kind)?;
+        self.failures.get(idx).copied().flatten()
+    }
+}
+
+fn define(kind: MetricType, name: &str) -> Option<u32> {
+    match hostcalls::define_metric(kind, name) {
+        Ok(id) => Some(id),
+        Err(status) => {
+            host::log(LogLevel::Warn, &format!("churn-guard: could not define metric {name}: {status:?}"));
+            None
+        }
+    }
+}
+
+fn inc(metric: Option<u32>, by: u64) {
+    if let (Some(id), true) = (metric, by > 0) {
+        let _ = hostcalls::increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX));
+    }
+}
+
+fn record(metric: Option<u32>, value: usize) {
+    if let Some(id) = metric {
+        let _ = hostcalls::record_metric(id, value as u64);
+    }
+}
+
+struct CachedTable {
+    table: ClusterTable,
+    fetched_ms: u64,
+}
+
+/// Per-VM state shared by the root context and its HTTP contexts; replaced on reconfiguration.
+struct Plugin {
+    config: Config,
+    policy: Policy,
+    metrics: Metrics,
+    vm_id: u32,
+    budget: RefCell<RetryBudget>,
+    rng: RefCell<Rng>,
+    tables: RefCell<HashMap<String, CachedTable>>,
+}
+
+impl Plugin {
+    fn new(config: Config, vm_id: u32) -> Self {
+        let seed = host::now_ms() ^ (u64::from(vm_id) << 48);
+        Self {
+            policy: Policy::from_config(&config),
+            budget: RefCell::new(RetryBudget::new(&config.retry.budget)),
+            config,
+            metrics: Metrics::define(),
+            vm_id,
+            rng: RefCell::new(Rng::new(seed)),
+            tables: RefCell::new(HashMap::new()),
+        }
+    }
+
+    fn with_table<R>(&self, cluster: &str, now_ms: u64, f: impl FnOnce(&ClusterTable) -> R) -> R {
+        let mut tables = self.tables.borrow_mut();
+        let stale = tables.get(cluster).is_none_or(|c| now_ms.saturating_sub(c.fetched_ms) >= TABLE_REFRESH_MS);
+        if stale {
+            if tables.len() >= MAX_CACHED_CLUSTERS && !tables.contains_key(cluster) {
+                tables.clear();
+            }
+            let table = store::load(&HostStore, cluster);
+            tables.insert(cluster.to_string(), CachedTable { table, fetched_ms: now_ms });
+        }
+        match tables.get(cluster) {
+            Some(c) => f(&c.table),
+            None => f(&ClusterTable::default()),
+        }
+    }
+
+    fn remember(&self, cluster: &str, table: ClusterTable, now_ms: u64) {
+        self.tables.borrow_mut().insert(cluster.to_string(), CachedTable { table, fetched_ms: now_ms });
+    }
+
+    /// Records observations of one finished request in the shared table.
+    fn observe(&self, cluster: &str, observations: &[Observation<'_>], now_ms: u64) {
+        let suspect_ms = self.config.endpoint_override.as_ref().map_or(0, |o| o.suspect_ms);
+        let needed = self.with_table(cluster, now_ms, |t| observations.iter().any(|o| t.would_change(o, now_ms)));
+        if !needed {
+            return;
+        }
+        let result = store::update(&HostStore, cluster, |table| {
+            let mut all = Applied::default();
+            for obs in observations {
+                let applied = table.apply(obs, now_ms, &self.policy, suspect_ms);
+                all.changed |= applied.changed;
+                all.ejected.extend(applied.ejected);
+            }
+            all
+        });
+        match result {
+            Ok((table, applied)) => {
+                inc(self.metrics.ejections, applied.ejected.len() as u64);
+                if host::debug_enabled() {
+                    for (address, ms) in &applied.ejected {
+                        host::log(
+                            LogLevel::Debug,
+                            &format!("churn-guard: ejected {address} of cluster {cluster} for {ms} ms"),
+                        );
+                    }
+                }
+                self.remember(cluster, table, now_ms);
+            }
+            Err(e) => host::log(
+                LogLevel::Warn,
+                &format!("churn-guard: could not record observation for cluster {cluster}: {e:?}"),
+            ),
+        }
+    }
+
+    fn refresh_gauges(&self, now_ms: u64) {
+        let clusters: Vec<String> = self.tables.borrow().keys().cloned().collect();
+        let ttl = self.config.ejection.endpoint_ttl_ms;
+        let (mut ejected, mut known) = (0, 0);
+        for cluster in clusters {
+            let (e, k) = self.with_table(&cluster, now_ms, |t| t.counts(now_ms, ttl));
+            ejected += e;
+            known += k;
+        }
+        record(self.metrics.ejected_endpoints, ejected);
+        record(self.metrics.known_endpoints, known);
+    }
+}
+
+#[derive(Default)]
+struct Root {
+    plugin: Option<Rc<Plugin>>,
+    vm_id: Option<u32>,
+}
+
+impl Root {
+    /// A small number unique to this VM among the workers, for the debug header.
+    fn vm_id(&mut self) -> u32 {
+        if let Some(id) = self.vm_id {
+            return id;
+        }
+        let id = (0..store::MAX_CAS_ATTEMPTS)
+            .find_map(|_| {
+                let (bytes, cas) = HostStore.get(VM_SEQUENCE_KEY);
+                let current = bytes.and_then(|b| properties::int(&b)).unwrap_or(0);
+                let next = current.wrapping_add(1);
+                HostStore.set(VM_SEQUENCE_KEY, &next.to_le_bytes(), cas).ok().map(|()| next)
+            })
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0);
+        self.vm_id = Some(id);
+        id
+    }
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
+        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, plugin_configuration_size) {
+            Ok(b) => b.unwrap_or_default(),
+            Err(status) => {
+                host::log(LogLevel::Error, &format!("churn-guard: cannot read plugin configuration: {status:?}"));
+                return false;
+            }
+        };
+        match Config::parse(&bytes) {
+            Ok(config) => {
+                let vm_id = self.vm_id();
+                self.plugin = Some(Rc::new(Plugin::new(config, vm_id)));
+                if let Err(status) = hostcalls::set_tick_period(Duration::from_secs(1)) {
+                    host::log(LogLevel::Warn, &format!("churn-guard: no tick, gauges stay stale: {status:?}"));
+                }
+                host::log(LogLevel::Info, "churn-guard: configured");
+                true
+            }
+            Err(e) => {
+                host::log(LogLevel::Error, &e.to_string());
+                false
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(plugin) = &self.plugin {
+            plugin.refresh_gauges(host::now_ms());
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let plugin = self.plugin.clone()?;
+        Some(Box::new(Request { plugin, cluster: None, steered: Vec::new() }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Request {
+    plugin: Rc<Plugin>,
+    /// Cluster the request was first routed to, and the endpoints it was steered to there.
+    cluster: Option<String>,
+    steered: Vec<String>,
+}
+
+impl Context for Request {}
+
+impl HttpContext for Request {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let p = Rc::clone(&self.plugin);
+        let now = host::now_ms();
+        p.budget.borrow_mut().deposit(now);
+        let Some(cluster) = host::cluster_name() else { return Action::Continue };
+        let method = host::request_header(":method").unwrap_or_default();
+        let facts = RequestFacts {
+            method: &method,
+            has_retry_headers: RETRY_HEADERS.iter().any(|h| host::request_header(h).is_some()),
+            has_override_header: p.config.endpoint_override.as_ref().is_some_and(|o| host::request_header(&o.header).is_some()),
+        };
+        let available = p.budget.borrow().available(now);
+        let decision = p.with_table(&cluster, now, |t| decide(&p.config, &facts, t, now, available, &mut p.rng.borrow_mut()));
+
+        let request = MapType::HttpRequestHeaders;
+        if let Some(plan) = &decision.retry {
+            let mut ok = host::set_header(request, "x-envoy-retry-on", plan.retry_on)
+                && host::set_header(request, "x-envoy-max-retries", &plan.max_retries.to_string());
+            if let Some(codes) = &plan.status_codes {
+                ok &= host::set_header(request, "x-envoy-retriable-status-codes", codes);
+            }
+            if let Some(ms) = plan.per_try_timeout_ms {
+                ok &= host::set_header(request, "x-envoy-upstream-rq-per-try-timeout-ms", &ms.to_string());
+            }
+            if ok {
+                inc(p.metrics.retries_added, 1);
+            }
+        }
+        if decision.budget_exhausted {
+            inc(p.metrics.retries_denied, 1);
+        }
+        if let (false, Some(o)) = (decision.steer.is_empty(), &p.config.endpoint_override) {
+            if host::set_header(request, &o.header, &decision.steer.join(",")) {
+                inc(p.metrics.steered, 1);
+                self.steered = decision.steer;
+            }
+        }
+        // Last, because Envoy re-resolves the route when a request header changes.
+        if let (true, Some(f)) = (decision.fallback, &p.config.fallback) {
+            if host::set_header(request, &f.header, &f.value) {
+                inc(p.metrics.fallbacks, 1);
+            }
+        }
+        if host::debug_enabled() {
+            host::log(
+                LogLevel::Debug,
+                &format!(
+                    "churn-guard: {method} cluster={cluster} retries={} steer=[{}] fallback={}",
+                    decision.retry.as_ref().map_or(0, |r| r.max_retries),
+                    self.steered.join(","),
+                    decision.fallback
+                ),
+            );
+        }
+        self.cluster = Some(cluster);
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let p = &self.plugin;
+        if !p.config.debug_header {
+            return Action::Continue;
+        }
+        let Some(cluster) = host::cluster_name() else { return Action::Continue };
+        let now = host::now_ms();
+        let ejected = p.with_table(&cluster, now, |t| t.ejected_addresses(now).collect::<Vec<_>>().join(","));
+        let value = format!(
+            "vm={}; cluster={cluster}; ejected={ejected}; steered={}; fallback={}",
+            p.vm_id,
+            self.steered.join(","),
+            self.cluster.as_deref().is_some_and(|c| c != cluster),
+        );
+        host::set_header(MapType::HttpResponseHeaders, DEBUG_HEADER, &value);
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let p = Rc::clone(&self.plugin);
+        let Some(cluster) = host::cluster_name() else { return };
+        let now = host::now_ms();
+        let address = host::property_string(&["upstream", "address"]).filter(|a| properties::is_ip_endpoint(a));
+        let status = host::property_int(&["response", "code"]).unwrap_or(0);
+        let flags = ResponseFlags(host::property_int(&["response", "flags"]).unwrap_or(0));
+        let attempts = host::property_int(&["upstream", "request_attempt_count"]).unwrap_or(1);
+        let retries = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX);
+        p.budget.borrow_mut().withdraw(now, retries);
+        inc(p.metrics.retries_performed, u64::from(retries));
+
+        let outcome = classify(u32::try_from(status).unwrap_or(0), flags, address.is_some());
+        let mut observations = Vec::with_capacity(self.steered.len() + 2);
+        let steered_here = !self.steered.is_empty() && self.cluster.as_deref() == Some(cluster.as_str());
+        if let (true, Some(addr)) = (steered_here, &address) {
+            for failed in failed_steered(&self.steered, addr) {
+                observations.push(Observation::Failure(failed, FailureKind::ConnectFailure));
+            }
+        }
+        match (outcome, &address) {
+            (Outcome::Success, Some(addr)) => observations.push(Observation::Success(addr)),
+            (Outcome::Failure(kind), Some(addr)) => {
+                inc(p.metrics.failure(kind), 1);
+                observations.push(Observation::Failure(addr, kind));
+            }
+            (Outcome::NoUpstream, _) => {
+                inc(p.metrics.no_upstream, 1);
+                observations.push(Observation::NoUpstream);
+            }
+            _ => {}
+        }
+        if !steered_here && retries > 0 && p.config.endpoint_override.is_some() {
+            observations.push(Observation::Unattributed);
+        }
+        if !observations.is_empty() {
+            p.observe(&cluster, &observations, now);
+        }
+    }
+}

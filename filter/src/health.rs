@@ -1,0 +1,511 @@
+//! Per-cluster endpoint health: what was observed, who is ejected and until when.
+//!
+//! One `ClusterTable` is stored per cluster in proxy-wasm shared data, so every worker
+//! thread's VM sees the same ejections. The table is bounded (LRU by last observation)
+//! and forgets endpoints that have not been seen for a while: pods come and go, and an
+//! address seen once must not cost memory forever.
+
+use crate::config::{Config, EjectionConfig};
+use crate::outcome::FailureKind;
+use serde::{Deserialize, Serialize};
+
+/// Observations of a healthy endpoint refresh `last_seen_ms` at this resolution only, so the
+/// steady state does not write shared data on every request.
+pub const LAST_SEEN_RESOLUTION_MS: u64 = 1_000;
+
+const FORMAT_VERSION: u8 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointState {
+    pub address: String,
+    pub consecutive_local_origin: u16,
+    pub consecutive_gateway: u16,
+    pub consecutive_5xx: u16,
+    /// Ejections in a row; the next ejection lasts `base << level`.
+    pub level: u8,
+    /// 0 when the endpoint has never been ejected.
+    pub ejected_until_ms: u64,
+    /// When `level` last decayed; healthy time after this lowers it again.
+    pub decay_from_ms: u64,
+    pub last_seen_ms: u64,
+}
+
+impl EndpointState {
+    fn new(address: &str, now_ms: u64) -> Self {
+        Self {
+            address: address.to_string(),
+            consecutive_local_origin: 0,
+            consecutive_gateway: 0,
+            consecutive_5xx: 0,
+            level: 0,
+            ejected_until_ms: 0,
+            decay_from_ms: now_ms,
+            last_seen_ms: now_ms,
+        }
+    }
+
+    pub fn is_ejected(&self, now_ms: u64) -> bool {
+        self.ejected_until_ms > now_ms
+    }
+
+    fn has_failures(&self) -> bool {
+        self.consecutive_local_origin != 0 || self.consecutive_gateway != 0 || self.consecutive_5xx != 0
+    }
+}
+
+/// Thresholds and durations, taken from the plugin configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub ejection: EjectionConfig,
+    /// 0 disables the no-upstream rule.
+    pub consecutive_no_upstream: u32,
+}
+
+impl Policy {
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            ejection: config.ejection.clone(),
+            consecutive_no_upstream: config.fallback.as_ref().map_or(0, |f| f.consecutive_no_upstream),
+        }
+    }
+
+    /// Length of the ejection at `level` (0 for the first): base doubled per level, capped.
+    pub fn ejection_ms(&self, level: u8) -> u64 {
+        let e = &self.ejection;
+        let factor = 1u64.checked_shl(u32::from(level)).unwrap_or(u64::MAX);
+        e.base_ejection_ms.saturating_mul(factor).min(e.max_ejection_ms)
+    }
+}
+
+/// What a finished request tells the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observation<'a> {
+    Success(&'a str),
+    Failure(&'a str, FailureKind),
+    /// The cluster had no endpoint at all to offer.
+    NoUpstream,
+    /// A request needed retries whose endpoints are unknown; worth steering to find out.
+    Unattributed,
+}
+
+/// What applying observations changed, for metrics and logs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub changed: bool,
+    pub ejected: Vec<(String, u64)>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterTable {
+    /// Bumped on every write; lets readers tell tables apart cheaply.
+    pub generation: u64,
+    /// Sorted by address.
+    pub endpoints: Vec<EndpointState>,
+    pub consecutive_no_upstream: u32,
+    /// Set when requests found no endpoint at all; the cluster counts as stale until then.
+    pub no_upstream_until_ms: u64,
+    /// Set when a retry could not be attributed; steering stays on until then.
+    pub suspect_until_ms: u64,
+}
+
+impl ClusterTable {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = vec![FORMAT_VERSION];
+        // Serialising plain structs into a Vec cannot fail; an empty table is a safe answer anyway.
+        out.extend(postcard::to_allocvec(self).unwrap_or_default());
+        out
+    }
+
+    /// Decodes a stored table. Anything unreadable (another plugin version, corruption) is an
+    /// empty table: health is relearned quickly, and the next write replaces it.
+    pub fn decode(bytes: &[u8]) -> Self {
+        match bytes.split_first() {
+            Some((&FORMAT_VERSION, rest)) => postcard::from_bytes(rest).unwrap_or_default(),
+            _ => Self::default(),
+        }
+    }
+
+    pub fn find(&self, address: &str) -> Option<&EndpointState> {
+        self.endpoints
+            .binary_search_by(|e| e.address.as_str().cmp(address))
+            .ok()
+            .and_then(|i| self.endpoints.get(i))
+    }
+
+    pub fn is_ejected(&self, address: &str, now_ms: u64) -> bool {
+        self.find(address).is_some_and(|e| e.is_ejected(now_ms))
+    }
+
+    /// Endpoints that count as known: seen within the TTL, or still ejected.
+    fn live<'a>(&'a self, now_ms: u64, ttl_ms: u64) -> impl Iterator<Item = &'a EndpointState> + 'a {
+        self.endpoints
+            .iter()
+            .filter(move |e| e.is_ejected(now_ms) || e.last_seen_ms.saturating_add(ttl_ms) > now_ms)
+    }
+
+    pub fn ejected_count(&self, now_ms: u64) -> usize {
+        self.endpoints.iter().filter(|e| e.is_ejected(now_ms)).count()
+    }
+
+    /// (ejected, known) endpoints.
+    pub fn counts(&self, now_ms: u64, ttl_ms: u64) -> (usize, usize) {
+        self.live(now_ms, ttl_ms)
+            .fold((0, 0), |(ej, all), e| (ej + usize::from(e.is_ejected(now_ms)), all + 1))
+    }
+
+    pub fn ejected_addresses(&self, now_ms: u64) -> impl Iterator<Item = &str> {
+        self.endpoints.iter().filter(move |e| e.is_ejected(now_ms)).map(|e| e.address.as_str())
+    }
+
+    pub fn healthy_addresses(&self, now_ms: u64, ttl_ms: u64) -> Vec<&str> {
+        self.live(now_ms, ttl_ms).filter(|e| !e.is_ejected(now_ms)).map(|e| e.address.as_str()).collect()
+    }
+
+    /// Whether applying `obs` would change the table. Lets the hot path skip the shared-data
+    /// round trip for the common case: a healthy endpoint answered again.
+    pub fn would_change(&self, obs: &Observation<'_>, now_ms: u64) -> bool {
+        match obs {
+            Observation::Success(addr) => match self.find(addr) {
+                None => true,
+                Some(e) => {
+                    e.has_failures()
+                        || e.level > 0
+                        || now_ms.saturating_sub(e.last_seen_ms) >= LAST_SEEN_RESOLUTION_MS
+                        || self.consecutive_no_upstream > 0
+                }
+            },
+            Observation::Unattributed => self.suspect_until_ms <= now_ms,
+            _ => true,
+        }
+    }
+
+    /// Applies one observation under `policy`.
+    pub fn apply(&mut self, obs: &Observation<'_>, now_ms: u64, policy: &Policy, suspect_ms: u64) -> Applied {
+        let mut applied = Applied::default();
+        match *obs {
+            Observation::Success(addr) => {
+                if self.consecutive_no_upstream != 0 {
+                    self.consecutive_no_upstream = 0;
+                    applied.changed = true;
+                }
+                let base = policy.ejection.base_ejection_ms;
+                let Some(e) = self.entry(addr, now_ms, policy, &mut applied) else { return applied };
+                if e.has_failures() {
+                    e.consecutive_local_origin = 0;
+                    e.consecutive_gateway = 0;
+                    e.consecutive_5xx = 0;
+                    applied.changed = true;
+                }
+                if e.level > 0 && !e.is_ejected(now_ms) {
+                    let healthy_since = e.decay_from_ms.max(e.ejected_until_ms);
+                    if now_ms.saturating_sub(healthy_since) >= base {
+                        e.level -= 1;
+                        e.decay_from_ms = now_ms;
+                        applied.changed = true;
+                    }
+                }
+                if now_ms.saturating_sub(e.last_seen_ms) >= LAST_SEEN_RESOLUTION_MS {
+                    e.last_seen_ms = now_ms;
+                    applied.changed = true;
+                }
+            }
+            Observation::Failure(addr, kind) => {
+                let Some(e) = self.entry(addr, now_ms, policy, &mut applied) else { return applied };
+                applied.changed = true;
+                e.last_seen_ms = now_ms;
+                // Requests in flight when the endpoint was ejected still report; they do not
+                // extend the ejection.
+                if !e.is_ejected(now_ms) {
+                    bump(&mut e.consecutive_5xx);
+                    if kind.is_local_origin() {
+                        bump(&mut e.consecutive_local_origin);
+                    } else if kind.is_gateway_error() {
+                        bump(&mut e.consecutive_gateway);
+                    }
+                    let p = &policy.ejection;
+                    let trips = |count: u16, threshold: u32| threshold != 0 && u32::from(count) >= threshold;
+                    if trips(e.consecutive_local_origin, p.consecutive_local_origin_failures)
+                        || trips(e.consecutive_gateway, p.consecutive_gateway_errors)
+                        || trips(e.consecutive_5xx, p.consecutive_5xx)
+                    {
+                        let duration = policy.ejection_ms(e.level);
+                        e.ejected_until_ms = now_ms.saturating_add(duration);
+                        e.level = e.level.saturating_add(1).min(63);
+                        e.decay_from_ms = e.ejected_until_ms;
+                        e.consecutive_local_origin = 0;
+                        e.consecutive_gateway = 0;
+                        e.consecutive_5xx = 0;
+                        applied.ejected.push((e.address.clone(), duration));
+                    }
+                }
+            }
+            Observation::NoUpstream => {
+                applied.changed = true;
+                self.consecutive_no_upstream = self.consecutive_no_upstream.saturating_add(1);
+                let threshold = policy.consecutive_no_upstream;
+                if threshold != 0 && self.consecutive_no_upstream >= threshold {
+                    self.no_upstream_until_ms = now_ms.saturating_add(policy.ejection.base_ejection_ms);
+                }
+            }
+            Observation::Unattributed => {
+                if self.suspect_until_ms <= now_ms {
+                    applied.changed = true;
+                }
+                self.suspect_until_ms = self.suspect_until_ms.max(now_ms.saturating_add(suspect_ms));
+            }
+        }
+        if applied.changed {
+            self.forget_expired(now_ms, policy.ejection.endpoint_ttl_ms);
+            self.generation = self.generation.wrapping_add(1);
+        }
+        applied
+    }
+
+    /// The entry for `address`, created if new; evicts the least recently seen endpoint when full.
+    fn entry(&mut self, address: &str, now_ms: u64, policy: &Policy, applied: &mut Applied) -> Option<&mut EndpointState> {
+        let idx = match self.endpoints.binary_search_by(|e| e.address.as_str().cmp(address)) {
+            Ok(i) => i,
+            Err(mut at) => {
+                applied.changed = true;
+                let cap = usize::try_from(policy.ejection.max_endpoints_per_cluster).unwrap_or(usize::MAX).max(1);
+                if self.endpoints.len() >= cap {
+                    if let Some(oldest) = self.least_recently_seen() {
+                        self.endpoints.remove(oldest);
+                        if oldest < at {
+                            at -= 1;
+                        }
+                    }
+                }
+                self.endpoints.insert(at, EndpointState::new(address, now_ms));
+                at
+            }
+        };
+        self.endpoints.get_mut(idx)
+    }
+
+    fn least_recently_seen(&self) -> Option<usize> {
+        self.endpoints.iter().enumerate().min_by_key(|(_, e)| e.last_seen_ms).map(|(i, _)| i)
+    }
+
+    fn forget_expired(&mut self, now_ms: u64, ttl_ms: u64) {
+        self.endpoints
+            .retain(|e| e.is_ejected(now_ms) || e.last_seen_ms.saturating_add(ttl_ms) > now_ms);
+    }
+}
+
+fn bump(counter: &mut u16) {
+    *counter = counter.saturating_add(1);
+}
+
+/// Which steered endpoints failed, given the list sent in the override header and the endpoint
+/// that served the last attempt. Envoy's `override_host` policy consumes the list in order, one
+/// entry per attempt, skipping entries it does not know; so every entry before the final one
+/// failed or is no longer in the cluster. If the final endpoint is not in the list, Envoy's own
+/// load balancer served it after the list ran out: every entry failed.
+pub fn failed_steered<'a>(steered: &'a [String], final_address: &str) -> &'a [String] {
+    match steered.iter().position(|a| a == final_address) {
+        Some(p) => steered.get(..p).unwrap_or_default(),
+        None => steered,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+
+    const A: &str = "10.0.0.1:8080";
+    const B: &str = "10.0.0.2:8080";
+    const C: &str = "10.0.0.3:8080";
+
+    fn policy() -> Policy {
+        Policy::from_config(&Config::default())
+    }
+
+    fn fail(t: &mut ClusterTable, addr: &str, now: u64) -> Applied {
+        t.apply(&Observation::Failure(addr, FailureKind::ConnectFailure), now, &policy(), 10_000)
+    }
+
+    fn ok(t: &mut ClusterTable, addr: &str, now: u64) -> Applied {
+        t.apply(&Observation::Success(addr), now, &policy(), 10_000)
+    }
+
+    #[test]
+    fn one_connect_failure_ejects() {
+        let mut t = ClusterTable::default();
+        ok(&mut t, A, 1_000);
+        let applied = fail(&mut t, A, 2_000);
+        assert_eq!(applied.ejected, vec![(A.to_string(), 10_000)]);
+        assert!(t.is_ejected(A, 2_001));
+        assert!(t.is_ejected(A, 11_999));
+        assert!(!t.is_ejected(A, 12_000), "returns when the ejection expires");
+    }
+
+    #[test]
+    fn gateway_errors_need_consecutive_failures() {
+        let mut t = ClusterTable::default();
+        let p = policy();
+        for now in [1, 2] {
+            t.apply(&Observation::Failure(A, FailureKind::GatewayError), now, &p, 0);
+        }
+        ok(&mut t, A, 3);
+        for now in [4, 5] {
+            t.apply(&Observation::Failure(A, FailureKind::Reset), now, &p, 0);
+        }
+        assert!(!t.is_ejected(A, 6), "a success in between resets the streak");
+        t.apply(&Observation::Failure(A, FailureKind::Timeout), 6, &p, 0);
+        assert!(t.is_ejected(A, 7));
+    }
+
+    #[test]
+    fn server_errors_only_count_when_enabled() {
+        let mut t = ClusterTable::default();
+        let mut p = policy();
+        for now in 1..=20 {
+            t.apply(&Observation::Failure(A, FailureKind::ServerError), now, &p, 0);
+        }
+        assert!(!t.is_ejected(A, 21));
+        p.ejection.consecutive_5xx = 2;
+        t.apply(&Observation::Failure(A, FailureKind::ServerError), 22, &p, 0);
+        assert!(t.is_ejected(A, 23));
+    }
+
+    #[test]
+    fn ejection_backs_off_exponentially_up_to_the_maximum() {
+        let mut t = ClusterTable::default();
+        let mut now = 0;
+        let mut durations = vec![];
+        for _ in 0..8 {
+            let applied = fail(&mut t, A, now);
+            let (_, d) = applied.ejected.first().cloned().unwrap_or_default();
+            durations.push(d);
+            now += d; // fails again as soon as it returns
+        }
+        assert_eq!(durations, vec![10_000, 20_000, 40_000, 80_000, 160_000, 300_000, 300_000, 300_000]);
+    }
+
+    #[test]
+    fn failures_while_ejected_do_not_extend() {
+        let mut t = ClusterTable::default();
+        fail(&mut t, A, 0);
+        let applied = fail(&mut t, A, 5_000);
+        assert!(applied.ejected.is_empty());
+        assert!(!t.is_ejected(A, 10_000));
+    }
+
+    #[test]
+    fn healthy_time_decays_the_backoff() {
+        let mut t = ClusterTable::default();
+        fail(&mut t, A, 0); // level 1, back at 10s
+        fail(&mut t, A, 10_000); // level 2, back at 30s
+        ok(&mut t, A, 30_000);
+        assert_eq!(t.find(A).map(|e| e.level), Some(2));
+        ok(&mut t, A, 40_000);
+        assert_eq!(t.find(A).map(|e| e.level), Some(1));
+        ok(&mut t, A, 50_000);
+        assert_eq!(t.find(A).map(|e| e.level), Some(0));
+        let applied = fail(&mut t, A, 60_000);
+        assert_eq!(applied.ejected, vec![(A.to_string(), 10_000)], "back to the base ejection");
+    }
+
+    #[test]
+    fn counts_and_addresses() {
+        let mut t = ClusterTable::default();
+        for a in [A, B, C] {
+            ok(&mut t, a, 0);
+        }
+        fail(&mut t, B, 100);
+        assert_eq!(t.counts(200, 600_000), (1, 3));
+        assert_eq!(t.healthy_addresses(200, 600_000), vec![A, C]);
+        assert_eq!(t.ejected_addresses(200).collect::<Vec<_>>(), vec![B]);
+    }
+
+    #[test]
+    fn memory_is_bounded_by_lru() {
+        let mut p = policy();
+        p.ejection.max_endpoints_per_cluster = 16;
+        let mut t = ClusterTable::default();
+        for i in 0..10_000u64 {
+            let addr = format!("10.1.{}.{}:80", i / 256, i % 256);
+            t.apply(&Observation::Success(&addr), i * 1_000, &p, 0);
+        }
+        assert_eq!(t.endpoints.len(), 16);
+        assert!(t.find("10.1.39.15:80").is_some(), "the most recent stays");
+        assert!(t.find("10.1.0.0:80").is_none(), "the oldest went");
+        assert!(t.encode().len() < 16 * 64);
+    }
+
+    #[test]
+    fn unseen_endpoints_are_forgotten_but_ejected_ones_kept() {
+        let mut t = ClusterTable::default();
+        ok(&mut t, A, 0);
+        fail(&mut t, B, 0);
+        ok(&mut t, C, 700_000);
+        assert!(t.find(A).is_none());
+        assert!(t.find(B).is_none(), "its ejection ended long ago");
+        fail(&mut t, B, 700_000);
+        ok(&mut t, C, 705_000);
+        assert!(t.find(B).is_some());
+    }
+
+    #[test]
+    fn steady_state_needs_no_write() {
+        let mut t = ClusterTable::default();
+        ok(&mut t, A, 0);
+        assert!(!t.would_change(&Observation::Success(A), 500));
+        assert!(t.would_change(&Observation::Success(A), 1_500));
+        assert!(t.would_change(&Observation::Success(B), 500));
+        assert!(t.would_change(&Observation::Failure(A, FailureKind::Reset), 500));
+        let before = t.clone();
+        let applied = ok(&mut t, A, 500);
+        assert!(!applied.changed);
+        assert_eq!(t, before);
+    }
+
+    #[test]
+    fn no_upstream_streak_marks_the_cluster_stale() {
+        let mut t = ClusterTable::default();
+        let mut p = policy();
+        p.consecutive_no_upstream = 2;
+        t.apply(&Observation::NoUpstream, 0, &p, 0);
+        assert_eq!(t.no_upstream_until_ms, 0);
+        t.apply(&Observation::NoUpstream, 1, &p, 0);
+        assert_eq!(t.no_upstream_until_ms, 10_001);
+        t.apply(&Observation::Success(A), 2, &p, 0);
+        assert_eq!(t.consecutive_no_upstream, 0);
+    }
+
+    #[test]
+    fn unattributed_retries_make_the_cluster_suspect() {
+        let mut t = ClusterTable::default();
+        let applied = t.apply(&Observation::Unattributed, 100, &policy(), 5_000);
+        assert!(applied.changed);
+        assert_eq!(t.suspect_until_ms, 5_100);
+        assert!(!t.would_change(&Observation::Unattributed, 200));
+    }
+
+    #[test]
+    fn encode_decode_round_trip_and_garbage() {
+        let mut t = ClusterTable::default();
+        ok(&mut t, A, 1);
+        fail(&mut t, B, 2);
+        assert_eq!(ClusterTable::decode(&t.encode()), t);
+        assert_eq!(ClusterTable::decode(&[]), ClusterTable::default());
+        assert_eq!(ClusterTable::decode(&[9, 1, 2]), ClusterTable::default());
+        assert_eq!(ClusterTable::decode(&[FORMAT_VERSION, 0xff, 0xff]), ClusterTable::default());
+        let mut truncated = t.encode();
+        truncated.truncate(truncated.len() / 2);
+        assert_eq!(ClusterTable::decode(&truncated), ClusterTable::default());
+    }
+
+    #[test]
+    fn attribution_of_steered_attempts() {
+        let list: Vec<String> = [A, B, C].iter().map(|s| s.to_string()).collect();
+        assert!(failed_steered(&list, A).is_empty());
+        assert_eq!(failed_steered(&list, C), &list[..2]);
+        assert_eq!(failed_steered(&list, "10.9.9.9:80"), &list[..]);
+        assert!(failed_steered(&[], A).is_empty());
+    }
+}

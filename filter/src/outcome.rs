@@ -1,0 +1,175 @@
+//! What one finished request says about the endpoint that served its last attempt.
+//!
+//! Input is what Envoy exposes to Wasm at the end of a stream: `response.code`,
+//! `response.flags` (a bit vector of `StreamInfo::CoreResponseFlag`) and
+//! `upstream.address`.
+
+/// Envoy's `response.flags` bit vector; bit positions follow `CoreResponseFlag`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResponseFlags(pub u64);
+
+impl ResponseFlags {
+    pub const NO_HEALTHY_UPSTREAM: u64 = 1 << 1; // UH
+    pub const UPSTREAM_REQUEST_TIMEOUT: u64 = 1 << 2; // UT
+    pub const LOCAL_RESET: u64 = 1 << 3; // LR
+    pub const UPSTREAM_REMOTE_RESET: u64 = 1 << 4; // UR
+    pub const UPSTREAM_CONNECTION_FAILURE: u64 = 1 << 5; // UF
+    pub const UPSTREAM_CONNECTION_TERMINATION: u64 = 1 << 6; // UC
+    pub const UPSTREAM_OVERFLOW: u64 = 1 << 7; // UO
+    pub const NO_ROUTE_FOUND: u64 = 1 << 8; // NR
+    pub const DOWNSTREAM_CONNECTION_TERMINATION: u64 = 1 << 14; // DC
+    pub const UPSTREAM_RETRY_LIMIT_EXCEEDED: u64 = 1 << 15; // URX
+    pub const UPSTREAM_PROTOCOL_ERROR: u64 = 1 << 23; // UPE
+    pub const NO_CLUSTER_FOUND: u64 = 1 << 24; // NC
+    pub const DOWNSTREAM_REMOTE_RESET: u64 = 1 << 28; // DR
+
+    pub fn has(self, bit: u64) -> bool {
+        self.0 & bit != 0
+    }
+}
+
+/// Failure kinds, in the terms Envoy's outlier detection uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Nothing reached the endpoint: connection refused or timed out (UF).
+    ConnectFailure,
+    /// The connection or stream was reset by the endpoint (UR, UC, UPE).
+    Reset,
+    /// The endpoint did not answer in time (UT).
+    Timeout,
+    /// The endpoint answered 502/503/504.
+    GatewayError,
+    /// Any other 5xx from the endpoint.
+    ServerError,
+}
+
+impl FailureKind {
+    /// Failures where the endpoint never saw the request.
+    pub fn is_local_origin(self) -> bool {
+        matches!(self, FailureKind::ConnectFailure)
+    }
+
+    pub fn is_gateway_error(self) -> bool {
+        !matches!(self, FailureKind::ServerError)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FailureKind::ConnectFailure => "connect_failure",
+            FailureKind::Reset => "reset",
+            FailureKind::Timeout => "timeout",
+            FailureKind::GatewayError => "gateway_error",
+            FailureKind::ServerError => "server_error",
+        }
+    }
+
+    pub const ALL: [FailureKind; 5] = [
+        FailureKind::ConnectFailure,
+        FailureKind::Reset,
+        FailureKind::Timeout,
+        FailureKind::GatewayError,
+        FailureKind::ServerError,
+    ];
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The endpoint answered; it is alive, whatever the status (4xx is the client's business).
+    Success,
+    Failure(FailureKind),
+    /// The cluster had no endpoint to offer (UH): a sign of a stale or empty endpoint set.
+    NoUpstream,
+    /// Nothing to learn about any endpoint: no route, overflow, downstream went away, local reply.
+    Ignore,
+}
+
+/// Classifies a finished request. `has_upstream` says whether Envoy recorded an upstream address.
+pub fn classify(status: u32, flags: ResponseFlags, has_upstream: bool) -> Outcome {
+    const IGNORED: u64 = ResponseFlags::UPSTREAM_OVERFLOW
+        | ResponseFlags::NO_ROUTE_FOUND
+        | ResponseFlags::NO_CLUSTER_FOUND
+        | ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION
+        | ResponseFlags::DOWNSTREAM_REMOTE_RESET;
+    if flags.has(ResponseFlags::NO_HEALTHY_UPSTREAM) {
+        return Outcome::NoUpstream;
+    }
+    if flags.0 & IGNORED != 0 || !has_upstream {
+        return Outcome::Ignore;
+    }
+    if flags.has(ResponseFlags::UPSTREAM_CONNECTION_FAILURE) {
+        return Outcome::Failure(FailureKind::ConnectFailure);
+    }
+    if flags.has(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT) {
+        return Outcome::Failure(FailureKind::Timeout);
+    }
+    if flags.0
+        & (ResponseFlags::UPSTREAM_REMOTE_RESET
+            | ResponseFlags::UPSTREAM_CONNECTION_TERMINATION
+            | ResponseFlags::UPSTREAM_PROTOCOL_ERROR
+            | ResponseFlags::LOCAL_RESET)
+        != 0
+    {
+        return Outcome::Failure(FailureKind::Reset);
+    }
+    match status {
+        502..=504 => Outcome::Failure(FailureKind::GatewayError),
+        500..=599 => Outcome::Failure(FailureKind::ServerError),
+        // 0: the stream ended without a response, and no flag explains why.
+        0 => Outcome::Ignore,
+        _ => Outcome::Success,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+
+    fn f(bits: u64) -> ResponseFlags {
+        ResponseFlags(bits)
+    }
+
+    #[test]
+    fn plain_answers_are_success() {
+        assert_eq!(classify(200, f(0), true), Outcome::Success);
+        assert_eq!(classify(404, f(0), true), Outcome::Success);
+        assert_eq!(classify(429, f(0), true), Outcome::Success);
+    }
+
+    #[test]
+    fn connect_failure_with_retries_exhausted() {
+        let flags = f(ResponseFlags::UPSTREAM_CONNECTION_FAILURE | ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
+        assert_eq!(classify(503, flags, true), Outcome::Failure(FailureKind::ConnectFailure));
+        assert!(FailureKind::ConnectFailure.is_local_origin());
+    }
+
+    #[test]
+    fn resets_and_timeouts() {
+        assert_eq!(classify(503, f(ResponseFlags::UPSTREAM_CONNECTION_TERMINATION), true), Outcome::Failure(FailureKind::Reset));
+        assert_eq!(classify(503, f(ResponseFlags::UPSTREAM_REMOTE_RESET), true), Outcome::Failure(FailureKind::Reset));
+        assert_eq!(classify(504, f(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT), true), Outcome::Failure(FailureKind::Timeout));
+    }
+
+    #[test]
+    fn upstream_status_codes() {
+        assert_eq!(classify(503, f(0), true), Outcome::Failure(FailureKind::GatewayError));
+        assert_eq!(classify(500, f(0), true), Outcome::Failure(FailureKind::ServerError));
+        assert!(!FailureKind::ServerError.is_gateway_error());
+    }
+
+    #[test]
+    fn not_the_endpoints_fault() {
+        assert_eq!(classify(503, f(ResponseFlags::UPSTREAM_OVERFLOW), true), Outcome::Ignore);
+        assert_eq!(classify(404, f(ResponseFlags::NO_ROUTE_FOUND), false), Outcome::Ignore);
+        assert_eq!(classify(0, f(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION), true), Outcome::Ignore);
+        assert_eq!(classify(200, f(0), false), Outcome::Ignore);
+        assert_eq!(classify(0, f(0), true), Outcome::Ignore);
+    }
+
+    #[test]
+    fn no_healthy_upstream_is_a_cluster_signal() {
+        assert_eq!(classify(503, f(ResponseFlags::NO_HEALTHY_UPSTREAM), false), Outcome::NoUpstream);
+    }
+}
