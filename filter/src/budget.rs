@@ -24,7 +24,11 @@ pub struct RetryBudget {
 impl RetryBudget {
     pub fn new(config: &RetryBudgetConfig) -> Self {
         let window = usize::try_from(config.window_seconds).unwrap_or(1).max(1);
-        Self { ratio: config.ratio, min_per_second: config.min_retries_per_second, buckets: vec![Bucket::default(); window] }
+        Self {
+            ratio: config.ratio,
+            min_per_second: config.min_retries_per_second,
+            buckets: vec![Bucket::default(); window],
+        }
     }
 
     fn bucket(&mut self, now_ms: u64) -> Option<&mut Bucket> {

@@ -168,10 +168,8 @@ impl Config {
             return Err(ConfigError { field: ".".into(), message: "must be a JSON object".into() });
         }
         let mut de = serde_json::Deserializer::from_slice(bytes);
-        let config: Config = serde_path_to_error::deserialize(&mut de).map_err(|e| ConfigError {
-            field: e.path().to_string(),
-            message: e.into_inner().to_string(),
-        })?;
+        let config: Config = serde_path_to_error::deserialize(&mut de)
+            .map_err(|e| ConfigError { field: e.path().to_string(), message: e.into_inner().to_string() })?;
         de.end().map_err(|e| ConfigError { field: ".".into(), message: e.to_string() })?;
         config.validate()?;
         Ok(config)
@@ -217,19 +215,11 @@ impl Config {
             "retry.budget.ratio",
             "must be between 0 and 10",
         )?;
-        check(
-            (1..=3_600).contains(&b.window_seconds),
-            "retry.budget.windowSeconds",
-            "must be between 1 and 3600",
-        )?;
+        check((1..=3_600).contains(&b.window_seconds), "retry.budget.windowSeconds", "must be between 1 and 3600")?;
 
         if let Some(o) = &self.endpoint_override {
             check(is_header_name(&o.header), "endpointOverride.header", "must be a lower-case HTTP header name")?;
-            check(
-                (0.0..=1.0).contains(&o.explore_ratio),
-                "endpointOverride.exploreRatio",
-                "must be between 0 and 1",
-            )?;
+            check((0.0..=1.0).contains(&o.explore_ratio), "endpointOverride.exploreRatio", "must be between 0 and 1")?;
         }
         if let Some(f) = &self.fallback {
             check(is_header_name(&f.header), "fallback.header", "must be a lower-case HTTP header name")?;

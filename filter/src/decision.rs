@@ -71,9 +71,8 @@ pub fn decide(
         if max_retries == 0 {
             decision.budget_exhausted = true;
         } else if is_idempotent(facts.method) {
-            let codes = (!r.retriable_status_codes.is_empty()).then(|| {
-                r.retriable_status_codes.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
-            });
+            let codes = (!r.retriable_status_codes.is_empty())
+                .then(|| r.retriable_status_codes.iter().map(u16::to_string).collect::<Vec<_>>().join(","));
             decision.retry = Some(RetryPlan {
                 retry_on: if codes.is_some() { RETRY_ON_IDEMPOTENT } else { RETRY_ON_IDEMPOTENT_NO_CODES },
                 max_retries,
@@ -119,7 +118,8 @@ mod tests {
     use crate::health::{Observation, Policy};
     use crate::outcome::FailureKind;
 
-    const GET: RequestFacts<'static> = RequestFacts { method: "GET", has_retry_headers: false, has_override_header: false };
+    const GET: RequestFacts<'static> =
+        RequestFacts { method: "GET", has_retry_headers: false, has_override_header: false };
 
     fn table(healthy: &[&str], ejected: &[&str]) -> ClusterTable {
         let policy = Policy::from_config(&Config::default());

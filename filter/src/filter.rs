@@ -349,10 +349,15 @@ impl HttpContext for Request {
         let facts = RequestFacts {
             method: &method,
             has_retry_headers: RETRY_HEADERS.iter().any(|h| host::request_header(h).is_some()),
-            has_override_header: p.config.endpoint_override.as_ref().is_some_and(|o| host::request_header(&o.header).is_some()),
+            has_override_header: p
+                .config
+                .endpoint_override
+                .as_ref()
+                .is_some_and(|o| host::request_header(&o.header).is_some()),
         };
         let available = p.budget.borrow().available(now);
-        let decision = p.with_table(&cluster, now, |t| decide(&p.config, &facts, t, now, available, &mut p.rng.borrow_mut()));
+        let decision =
+            p.with_table(&cluster, now, |t| decide(&p.config, &facts, t, now, available, &mut p.rng.borrow_mut()));
 
         let request = MapType::HttpRequestHeaders;
         if let Some(plan) = &decision.retry {
@@ -403,14 +408,16 @@ impl HttpContext for Request {
         if !p.config.debug_header {
             return Action::Continue;
         }
-        let Some(cluster) = host::cluster_name() else { return Action::Continue };
+        // Report on the cluster the route chose first: after a fallback, that is the stale one.
+        let Some(routed) = self.cluster.clone().or_else(host::cluster_name) else { return Action::Continue };
+        let served = host::cluster_name().unwrap_or_default();
         let now = host::now_ms();
-        let ejected = p.with_table(&cluster, now, |t| t.ejected_addresses(now).collect::<Vec<_>>().join(","));
+        let ejected = p.with_table(&routed, now, |t| t.ejected_addresses(now).collect::<Vec<_>>().join(","));
         let value = format!(
-            "vm={}; cluster={cluster}; ejected={ejected}; steered={}; fallback={}",
+            "vm={}; cluster={routed}; ejected={ejected}; steered={}; fallback={}",
             p.vm_id,
             self.steered.join(","),
-            self.cluster.as_deref().is_some_and(|c| c != cluster),
+            served != routed,
         );
         host::set_header(MapType::HttpResponseHeaders, DEBUG_HEADER, &value);
         Action::Continue

@@ -126,10 +126,7 @@ impl ClusterTable {
     }
 
     pub fn find(&self, address: &str) -> Option<&EndpointState> {
-        self.endpoints
-            .binary_search_by(|e| e.address.as_str().cmp(address))
-            .ok()
-            .and_then(|i| self.endpoints.get(i))
+        self.endpoints.binary_search_by(|e| e.address.as_str().cmp(address)).ok().and_then(|i| self.endpoints.get(i))
     }
 
     pub fn is_ejected(&self, address: &str, now_ms: u64) -> bool {
@@ -138,9 +135,7 @@ impl ClusterTable {
 
     /// Endpoints that count as known: seen within the TTL, or still ejected.
     fn live<'a>(&'a self, now_ms: u64, ttl_ms: u64) -> impl Iterator<Item = &'a EndpointState> + 'a {
-        self.endpoints
-            .iter()
-            .filter(move |e| e.is_ejected(now_ms) || e.last_seen_ms.saturating_add(ttl_ms) > now_ms)
+        self.endpoints.iter().filter(move |e| e.is_ejected(now_ms) || e.last_seen_ms.saturating_add(ttl_ms) > now_ms)
     }
 
     pub fn ejected_count(&self, now_ms: u64) -> usize {
@@ -149,8 +144,7 @@ impl ClusterTable {
 
     /// (ejected, known) endpoints.
     pub fn counts(&self, now_ms: u64, ttl_ms: u64) -> (usize, usize) {
-        self.live(now_ms, ttl_ms)
-            .fold((0, 0), |(ej, all), e| (ej + usize::from(e.is_ejected(now_ms)), all + 1))
+        self.live(now_ms, ttl_ms).fold((0, 0), |(ej, all), e| (ej + usize::from(e.is_ejected(now_ms)), all + 1))
     }
 
     pub fn ejected_addresses(&self, now_ms: u64) -> impl Iterator<Item = &str> {
@@ -262,7 +256,13 @@ impl ClusterTable {
     }
 
     /// The entry for `address`, created if new; evicts the least recently seen endpoint when full.
-    fn entry(&mut self, address: &str, now_ms: u64, policy: &Policy, applied: &mut Applied) -> Option<&mut EndpointState> {
+    fn entry(
+        &mut self,
+        address: &str,
+        now_ms: u64,
+        policy: &Policy,
+        applied: &mut Applied,
+    ) -> Option<&mut EndpointState> {
         let idx = match self.endpoints.binary_search_by(|e| e.address.as_str().cmp(address)) {
             Ok(i) => i,
             Err(mut at) => {
@@ -288,8 +288,7 @@ impl ClusterTable {
     }
 
     fn forget_expired(&mut self, now_ms: u64, ttl_ms: u64) {
-        self.endpoints
-            .retain(|e| e.is_ejected(now_ms) || e.last_seen_ms.saturating_add(ttl_ms) > now_ms);
+        self.endpoints.retain(|e| e.is_ejected(now_ms) || e.last_seen_ms.saturating_add(ttl_ms) > now_ms);
     }
 }
 

@@ -147,9 +147,15 @@ mod tests {
 
     #[test]
     fn resets_and_timeouts() {
-        assert_eq!(classify(503, f(ResponseFlags::UPSTREAM_CONNECTION_TERMINATION), true), Outcome::Failure(FailureKind::Reset));
+        assert_eq!(
+            classify(503, f(ResponseFlags::UPSTREAM_CONNECTION_TERMINATION), true),
+            Outcome::Failure(FailureKind::Reset)
+        );
         assert_eq!(classify(503, f(ResponseFlags::UPSTREAM_REMOTE_RESET), true), Outcome::Failure(FailureKind::Reset));
-        assert_eq!(classify(504, f(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT), true), Outcome::Failure(FailureKind::Timeout));
+        assert_eq!(
+            classify(504, f(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT), true),
+            Outcome::Failure(FailureKind::Timeout)
+        );
     }
 
     #[test]

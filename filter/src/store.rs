@@ -129,7 +129,8 @@ mod tests {
     #[test]
     fn first_write_creates_the_table() {
         let store = MemoryStore::default();
-        let (t, applied) = observe(&store, Observation::Failure("a:1", FailureKind::ConnectFailure), 5).unwrap_or_default();
+        let (t, applied) =
+            observe(&store, Observation::Failure("a:1", FailureKind::ConnectFailure), 5).unwrap_or_default();
         assert_eq!(applied.ejected.len(), 1);
         assert_eq!(load(&store, "c"), t);
         assert!(load(&store, "c").is_ejected("a:1", 6));

@@ -1,0 +1,40 @@
+# The two commands: `make demo` (main job) and `make test`. Both install what they need.
+CARGO ?= cargo
+WASM := target/wasm32-wasip1/release/churn_guard.wasm
+export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER := wasm-bindgen-test-runner
+
+.PHONY: all setup build lint test test-unit test-wasm32 test-e2e demo bench fuzz clean
+
+all: build
+
+setup:
+	@scripts/setup.sh
+
+build: setup
+	$(CARGO) build -p churn-guard --target wasm32-wasip1 --release
+	@printf 'built %s: %s bytes\n' $(WASM) $$(stat -c %s $(WASM))
+
+lint: setup
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p churn-guard --target wasm32-wasip1 --release -- -D warnings
+
+test-unit:
+	$(CARGO) test --workspace --lib --bins
+
+test-wasm32:
+	$(CARGO) test -p churn-guard --target wasm32-unknown-unknown
+
+test-e2e: build
+	$(CARGO) test --workspace --tests -- --test-threads 2
+
+test: build lint test-unit test-wasm32 test-e2e
+
+demo: build
+	$(CARGO) run -q --release -p churn-lab -- demo
+
+bench: build
+	$(CARGO) run --release -p churn-lab -- bench
+
+clean:
+	$(CARGO) clean

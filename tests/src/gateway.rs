@@ -1,0 +1,325 @@
+//! Envoy configuration shaped like what Envoy Gateway generates (see
+//! `../shared/envoy-gateway/xds-samples/`): the Wasm filter disabled on the listener and enabled
+//! per route, loaded from a remote HTTP source pinned by sha256, before the router; EDS clusters
+//! with least-request balancing, or `override_host` for `loadBalancer.endpointOverride`; no route
+//! retry policy unless a BackendTrafficPolicy would add one.
+//!
+//! xDS is served from files (`path_config_source`), rewritten atomically, so tests can change
+//! endpoints and listeners while Envoy runs, as a control plane would.
+
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+pub const LISTENER: &str = "envoy-gateway/gateway-1/http";
+pub const ROUTE_CONFIG: &str = "envoy-gateway/gateway-1/http";
+pub const PRIMARY: &str = "httproute/default/backend/rule/0";
+pub const FALLBACK: &str = "httproute/default/backend-fallback/rule/0";
+pub const WASM_CLUSTER: &str = "wasm_cluster";
+pub const FILTER: &str = "envoy.filters.http.wasm/envoyextensionpolicy/default/churn-guard/wasm/0";
+pub const VM_ID: &str = "envoyextensionpolicy/default/churn-guard/wasm/0";
+
+/// Where Envoy fetches the Wasm module, as Envoy Gateway's `type: HTTP` or image code source.
+#[derive(Debug, Clone)]
+pub struct WasmSource {
+    pub url: String,
+    pub sha256: String,
+    /// The `wasm_cluster` endpoint serving `url`.
+    pub server: SocketAddr,
+}
+
+/// Which plugin configuration to load, if any.
+#[derive(Debug, Clone)]
+pub struct FilterSpec {
+    pub source: WasmSource,
+    /// The plugin configuration, as in `EnvoyExtensionPolicy.spec.wasm[].config`.
+    pub config: String,
+}
+
+/// A Service-routed fallback rule: requests with `header: value` go to `FALLBACK`.
+#[derive(Debug, Clone)]
+pub struct FallbackRoute {
+    pub header: String,
+    pub value: String,
+}
+
+/// One gateway: a listener, a route and the primary cluster, plus what the test varies.
+#[derive(Debug, Clone, Default)]
+pub struct GatewaySpec {
+    pub filter: Option<FilterSpec>,
+    /// `loadBalancer.endpointOverride.extractFrom[].header`: the primary cluster uses `override_host`.
+    pub endpoint_override_header: Option<String>,
+    pub fallback: Option<FallbackRoute>,
+    /// A route `retryPolicy` (BackendTrafficPolicy `retry`), for baselines.
+    pub route_retry_policy: Option<Value>,
+    /// Cluster `outlierDetection` (BackendTrafficPolicy `healthCheck.passive`), for baselines.
+    pub outlier_detection: Option<Value>,
+    /// Cluster `commonLbConfig`, e.g. a panic threshold.
+    pub common_lb_config: Option<Value>,
+}
+
+fn lb_least_request() -> Value {
+    json!({
+        "typedExtensionConfig": {
+            "name": "envoy.load_balancing_policies.least_request",
+            "typedConfig": {
+                "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest",
+                "localityLbConfig": {"localityWeightedLbConfig": {}}
+            }
+        }
+    })
+}
+
+fn path_source(dir: &Path, file: &str) -> Value {
+    json!({
+        "pathConfigSource": {
+            "path": dir.join(file).to_string_lossy(),
+            "watchedDirectory": {"path": dir.to_string_lossy()}
+        },
+        "resourceApiVersion": "V3"
+    })
+}
+
+pub fn eds_file(cluster: &str) -> String {
+    format!("eds-{}.json", cluster.replace(|c: char| !c.is_ascii_alphanumeric(), "_"))
+}
+
+fn eds_cluster(dir: &Path, name: &str, lb: Value, spec: &GatewaySpec, primary: bool) -> Value {
+    let mut cluster = json!({
+        "name": name,
+        "type": "EDS",
+        "edsClusterConfig": {"edsConfig": path_source(dir, &eds_file(name)), "serviceName": name},
+        "circuitBreakers": {"thresholds": [{"maxRetries": 1024}]},
+        "commonLbConfig": {},
+        "connectTimeout": "10s",
+        "dnsLookupFamily": "V4_PREFERRED",
+        "ignoreHealthOnHostRemoval": true,
+        "loadBalancingPolicy": {"policies": [lb]},
+        "perConnectionBufferLimitBytes": 32768
+    });
+    if primary {
+        if let Some(od) = &spec.outlier_detection {
+            cluster["outlierDetection"] = od.clone();
+        }
+        if let Some(lb) = &spec.common_lb_config {
+            cluster["commonLbConfig"] = lb.clone();
+        }
+    }
+    cluster
+}
+
+pub fn clusters(dir: &Path, spec: &GatewaySpec) -> Vec<Value> {
+    let primary_lb = match &spec.endpoint_override_header {
+        None => lb_least_request(),
+        Some(header) => json!({
+            "typedExtensionConfig": {
+                "name": "envoy.load_balancing_policies.override_host",
+                "typedConfig": {
+                    "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
+                    "fallbackPolicy": {"policies": [lb_least_request()]},
+                    "overrideHostSources": [{"header": header}]
+                }
+            }
+        }),
+    };
+    let mut out = vec![eds_cluster(dir, PRIMARY, primary_lb, spec, true)];
+    if spec.fallback.is_some() {
+        out.push(eds_cluster(dir, FALLBACK, lb_least_request(), spec, false));
+    }
+    if let Some(filter) = &spec.filter {
+        out.push(json!({
+            "name": WASM_CLUSTER,
+            "type": "STATIC",
+            "connectTimeout": "10s",
+            "loadAssignment": {
+                "clusterName": WASM_CLUSTER,
+                "endpoints": [{"lbEndpoints": [{"endpoint": {"address": {"socketAddress": {
+                    "address": filter.source.server.ip().to_string(),
+                    "portValue": filter.source.server.port()
+                }}}}]}]
+            }
+        }));
+    }
+    out
+}
+
+pub fn listener(dir: &Path, spec: &GatewaySpec) -> Value {
+    let mut http_filters = vec![];
+    if let Some(filter) = &spec.filter {
+        http_filters.push(json!({
+            "name": FILTER,
+            "disabled": true,
+            "typedConfig": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "config": {
+                    "name": VM_ID,
+                    "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": filter.config},
+                    "vmConfig": {
+                        "code": {"remote": {
+                            "httpUri": {"cluster": WASM_CLUSTER, "timeout": "10s", "uri": filter.source.url},
+                            "retryPolicy": {"numRetries": 10, "retryBackOff": {"baseInterval": "1s", "maxInterval": "30s"}},
+                            "sha256": filter.source.sha256
+                        }},
+                        "runtime": "envoy.wasm.runtime.v8",
+                        "vmId": VM_ID
+                    }
+                }
+            }
+        }));
+    }
+    http_filters.push(json!({
+        "name": "envoy.filters.http.router",
+        "typedConfig": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router", "suppressEnvoyHeaders": true}
+    }));
+    json!({
+        "name": LISTENER,
+        "address": {"socketAddress": {"address": "127.0.0.1", "portValue": 0}},
+        "defaultFilterChain": {"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typedConfig": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "commonHttpProtocolOptions": {"headersWithUnderscoresAction": "REJECT_REQUEST"},
+                "http2ProtocolOptions": {"initialConnectionWindowSize": 1048576, "initialStreamWindowSize": 65536, "maxConcurrentStreams": 100},
+                "httpFilters": http_filters,
+                "mergeSlashes": true,
+                "normalizePath": true,
+                "pathWithEscapedSlashesAction": "UNESCAPE_AND_REDIRECT",
+                "rds": {"configSource": path_source(dir, "rds.json"), "routeConfigName": ROUTE_CONFIG},
+                "serverHeaderTransformation": "PASS_THROUGH",
+                "statPrefix": "http-10080",
+                "useRemoteAddress": true
+            }
+        }], "name": LISTENER},
+        "maxConnectionsToAcceptPerSocketEvent": 1,
+        "perConnectionBufferLimitBytes": 32768
+    })
+}
+
+pub fn route_config(spec: &GatewaySpec) -> Value {
+    let enable = |route: &mut Value| {
+        if spec.filter.is_some() {
+            route["typedPerFilterConfig"] =
+                json!({FILTER: {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "config": {}}});
+        }
+    };
+    let mut routes = vec![];
+    if let Some(fb) = &spec.fallback {
+        // Header matches take precedence over the plain rule, as in Gateway API.
+        let mut r = json!({
+            "match": {"prefix": "/", "headers": [{"name": fb.header, "stringMatch": {"exact": fb.value}}]},
+            "name": "httproute/default/backend-fallback/rule/0/match/0/*",
+            "route": {"cluster": FALLBACK, "upgradeConfigs": [{"upgradeType": "websocket"}]}
+        });
+        enable(&mut r);
+        routes.push(r);
+    }
+    let mut primary = json!({
+        "match": {"prefix": "/"},
+        "name": "httproute/default/backend/rule/0/match/0/*",
+        "route": {"cluster": PRIMARY, "upgradeConfigs": [{"upgradeType": "websocket"}]}
+    });
+    if let Some(retry) = &spec.route_retry_policy {
+        primary["route"]["retryPolicy"] = retry.clone();
+    }
+    enable(&mut primary);
+    routes.push(primary);
+    json!({
+        "name": ROUTE_CONFIG,
+        "ignorePortInHostMatching": true,
+        "virtualHosts": [{"name": "envoy-gateway/gateway-1/http/*", "domains": ["*"], "routes": routes}]
+    })
+}
+
+pub fn endpoints(cluster: &str, addrs: &[SocketAddr]) -> Value {
+    let lb_endpoints: Vec<Value> = addrs
+        .iter()
+        .map(|a| {
+            json!({
+                "endpoint": {"address": {"socketAddress": {"address": a.ip().to_string(), "portValue": a.port()}}},
+                "loadBalancingWeight": 1
+            })
+        })
+        .collect();
+    json!({
+        "clusterName": cluster,
+        "endpoints": [{"lbEndpoints": lb_endpoints, "loadBalancingWeight": 1, "locality": {"region": format!("{cluster}/backend/0")}}]
+    })
+}
+
+pub fn bootstrap(dir: &Path) -> Value {
+    json!({
+        "node": {"id": "churn-guard-lab", "cluster": "churn-guard-lab"},
+        "admin": {"address": {"socketAddress": {"address": "127.0.0.1", "portValue": 0}}},
+        "dynamicResources": {"ldsConfig": path_source(dir, "lds.json"), "cdsConfig": path_source(dir, "cds.json")},
+        "layeredRuntime": {"layers": [{"name": "static", "staticLayer": {"overload.global_downstream_max_connections": 50000}}]}
+    })
+}
+
+fn discovery_response(type_url: &str, version: u64, resources: Vec<Value>) -> Value {
+    let resources: Vec<Value> = resources
+        .into_iter()
+        .map(|mut r| {
+            if let Some(obj) = r.as_object_mut() {
+                obj.insert("@type".into(), json!(type_url));
+            }
+            r
+        })
+        .collect();
+    json!({"versionInfo": version.to_string(), "resources": resources})
+}
+
+/// Writes xDS files for Envoy to watch; every write is a rename, which Envoy picks up.
+pub struct XdsFiles {
+    pub dir: PathBuf,
+    version: u64,
+}
+
+impl XdsFiles {
+    pub fn new(dir: &Path) -> Self {
+        Self { dir: dir.to_path_buf(), version: 0 }
+    }
+
+    fn write(&mut self, file: &str, value: &Value) -> anyhow::Result<()> {
+        self.version += 1;
+        let tmp = self.dir.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)?;
+        std::fs::rename(&tmp, self.dir.join(file))?;
+        Ok(())
+    }
+
+    pub fn write_bootstrap(&mut self) -> anyhow::Result<PathBuf> {
+        let path = self.dir.join("bootstrap.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&bootstrap(&self.dir))?)?;
+        Ok(path)
+    }
+
+    pub fn write_gateway(&mut self, spec: &GatewaySpec) -> anyhow::Result<()> {
+        let v = self.version + 1;
+        let cds =
+            discovery_response("type.googleapis.com/envoy.config.cluster.v3.Cluster", v, clusters(&self.dir, spec));
+        self.write("cds.json", &cds)?;
+        let rds = discovery_response(
+            "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+            v,
+            vec![route_config(spec)],
+        );
+        self.write("rds.json", &rds)?;
+        let lds = discovery_response(
+            "type.googleapis.com/envoy.config.listener.v3.Listener",
+            v,
+            vec![listener(&self.dir, spec)],
+        );
+        self.write("lds.json", &lds)
+    }
+
+    /// Sets the endpoints Envoy knows for `cluster` (what EDS says, stale or not).
+    pub fn write_endpoints(&mut self, cluster: &str, addrs: &[SocketAddr]) -> anyhow::Result<()> {
+        let v = self.version + 1;
+        let eds = discovery_response(
+            "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+            v,
+            vec![endpoints(cluster, addrs)],
+        );
+        self.write(&eds_file(cluster), &eds)
+    }
+}

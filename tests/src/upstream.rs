@@ -1,0 +1,181 @@
+//! Real HTTP/1.1 upstream servers on loopback ("pods"), with the failure modes endpoints show
+//! while they churn: refusing connections, resetting after reading a request, answering 503.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+
+/// How an upstream answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Mode {
+    /// 200 with the upstream's name.
+    Ok = 0,
+    /// Reads the whole request, then closes the connection without answering.
+    ResetAfterRequest = 1,
+    /// 503, as a pod that is shutting down might.
+    Unavailable = 2,
+}
+
+impl Mode {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Mode::ResetAfterRequest,
+            2 => Mode::Unavailable,
+            _ => Mode::Ok,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    /// Requests received, by method.
+    by_method: HashMap<String, u64>,
+}
+
+struct Shared {
+    name: String,
+    mode: AtomicU8,
+    counters: Mutex<Counters>,
+    body: Option<Bytes>,
+}
+
+/// One upstream server. Dropping it stops it.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    tasks: Option<JoinSet<()>>,
+}
+
+impl Upstream {
+    /// Starts an upstream on a free loopback port.
+    pub async fn start(name: &str) -> anyhow::Result<Self> {
+        Self::start_at(name, "127.0.0.1:0".parse()?, None).await
+    }
+
+    /// Starts an upstream that serves `body` for every request (used to serve the Wasm module).
+    pub async fn serving(name: &str, body: Vec<u8>) -> anyhow::Result<Self> {
+        Self::start_at(name, "127.0.0.1:0".parse()?, Some(Bytes::from(body))).await
+    }
+
+    /// Starts an upstream on a given address, e.g. one that refused connections until now.
+    pub async fn start_on(name: &str, addr: SocketAddr) -> anyhow::Result<Self> {
+        Self::start_at(name, addr, None).await
+    }
+
+    async fn start_at(name: &str, addr: SocketAddr, body: Option<Bytes>) -> anyhow::Result<Self> {
+        let shared = Arc::new(Shared {
+            name: name.to_string(),
+            mode: AtomicU8::new(Mode::Ok as u8),
+            counters: Mutex::new(Counters::default()),
+            body,
+        });
+        let mut up = Self { addr, shared, tasks: None };
+        up.listen().await?;
+        Ok(up)
+    }
+
+    async fn listen(&mut self) -> anyhow::Result<()> {
+        let listener = TcpListener::bind(self.addr).await?;
+        self.addr = listener.local_addr()?;
+        let shared = Arc::clone(&self.shared);
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async move {
+            let mut connections = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let shared = Arc::clone(&shared);
+                connections.spawn(async move {
+                    let svc = service_fn(move |req| handle(Arc::clone(&shared), req));
+                    let _ = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), svc).await;
+                });
+                while connections.try_join_next().is_some() {}
+            }
+        });
+        self.tasks = Some(tasks);
+        Ok(())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub fn set_mode(&self, mode: Mode) {
+        self.shared.mode.store(mode as u8, Ordering::SeqCst);
+    }
+
+    /// Stops listening and drops every open connection: the port now refuses connections,
+    /// like a pod whose process has exited.
+    pub async fn kill(&mut self) {
+        if let Some(mut tasks) = self.tasks.take() {
+            tasks.shutdown().await;
+        }
+    }
+
+    /// Listens again on the same port.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill().await;
+        self.listen().await
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.shared.counters.lock().map(|c| c.by_method.values().sum()).unwrap_or(0)
+    }
+
+    pub fn hits_for(&self, method: &str) -> u64 {
+        self.shared.counters.lock().map(|c| c.by_method.get(method).copied().unwrap_or(0)).unwrap_or(0)
+    }
+}
+
+/// Returns a loopback address nothing listens on: connections to it are refused.
+pub async fn refusing_addr() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    Ok(listener.local_addr()?)
+}
+
+#[derive(Debug)]
+struct Dropped;
+
+impl std::fmt::Display for Dropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection dropped on purpose")
+    }
+}
+
+impl std::error::Error for Dropped {}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Dropped> {
+    let method = req.method().to_string();
+    // Read the whole request first: "reached the upstream" means the upstream has it.
+    let _ = req.into_body().collect().await;
+    if let Ok(mut c) = shared.counters.lock() {
+        *c.by_method.entry(method).or_insert(0) += 1;
+    }
+    let response = |status: StatusCode, body: Bytes| {
+        let mut r = Response::new(Full::new(body));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            "x-upstream",
+            hyper::header::HeaderValue::from_str(&shared.name).unwrap_or(hyper::header::HeaderValue::from_static("?")),
+        );
+        r
+    };
+    match Mode::from_u8(shared.mode.load(Ordering::SeqCst)) {
+        Mode::Ok => {
+            Ok(response(StatusCode::OK, shared.body.clone().unwrap_or_else(|| Bytes::from(shared.name.clone()))))
+        }
+        Mode::Unavailable => Ok(response(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(b"shutting down"))),
+        // hyper closes the connection when the service fails.
+        Mode::ResetAfterRequest => Err(Dropped),
+    }
+}

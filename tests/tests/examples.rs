@@ -1,0 +1,183 @@
+//! The shipped examples are what users apply: every Envoy Gateway and Gateway API manifest must
+//! validate against the CRD schemas Envoy Gateway ships (`../shared/envoy-gateway/crds/`), the
+//! pieces must agree with each other, and the local Envoy config must load.
+
+use churn_guard::config::Config;
+use harness::envoy::{envoy_bin, workspace_root};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn crd_dir() -> PathBuf {
+    std::env::var_os("EG_CRD_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("../shared/envoy-gateway/crds"))
+}
+
+fn yaml_docs(path: &Path) -> anyhow::Result<Vec<Value>> {
+    let text = std::fs::read_to_string(path)?;
+    let mut docs = vec![];
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let v: Value = serde::Deserialize::deserialize(doc)?;
+        if !v.is_null() {
+            docs.push(v);
+        }
+    }
+    Ok(docs)
+}
+
+/// Kubernetes drops unknown fields silently; a typo in a policy then does nothing at all.
+/// Validate strictly instead: objects with declared properties admit no others.
+fn strict(schema: &mut Value) {
+    if let Some(obj) = schema.as_object_mut() {
+        let preserve = obj.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
+        if obj.contains_key("properties") && !preserve && !obj.contains_key("additionalProperties") {
+            obj.insert("additionalProperties".into(), Value::Bool(false));
+        }
+        for v in obj.values_mut() {
+            strict(v);
+        }
+    } else if let Some(arr) = schema.as_array_mut() {
+        arr.iter_mut().for_each(strict);
+    }
+}
+
+/// Schemas by (apiVersion, kind), from every CRD in the directory.
+fn schemas() -> anyhow::Result<HashMap<(String, String), Value>> {
+    let mut out = HashMap::new();
+    for entry in std::fs::read_dir(crd_dir())? {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        for crd in yaml_docs(&path)? {
+            if crd["kind"] != "CustomResourceDefinition" {
+                continue;
+            }
+            let group = crd["spec"]["group"].as_str().unwrap_or_default().to_string();
+            let kind = crd["spec"]["names"]["kind"].as_str().unwrap_or_default().to_string();
+            for version in crd["spec"]["versions"].as_array().into_iter().flatten() {
+                let mut schema = version["schema"]["openAPIV3Schema"].clone();
+                // Objects' metadata is checked by the API server, not the CRD.
+                if let Some(props) = schema["properties"].as_object_mut() {
+                    props.insert("metadata".into(), serde_json::json!({"type": "object"}));
+                }
+                strict(&mut schema);
+                let api = format!("{group}/{}", version["name"].as_str().unwrap_or_default());
+                out.insert((api, kind.clone()), schema);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn validate(schemas: &HashMap<(String, String), Value>, doc: &Value) -> Result<bool, Vec<String>> {
+    let key = (
+        doc["apiVersion"].as_str().unwrap_or_default().to_string(),
+        doc["kind"].as_str().unwrap_or_default().to_string(),
+    );
+    let Some(schema) = schemas.get(&key) else { return Ok(false) };
+    let validator = jsonschema::draft4::new(schema).map_err(|e| vec![e.to_string()])?;
+    let errors: Vec<String> = validator.iter_errors(doc).map(|e| format!("{}: {e}", e.instance_path)).collect();
+    if errors.is_empty() {
+        Ok(true)
+    } else {
+        Err(errors)
+    }
+}
+
+fn example_manifests() -> anyhow::Result<Vec<(PathBuf, Value)>> {
+    let dir = workspace_root().join("examples/envoy-gateway");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    files.sort();
+    let mut out = vec![];
+    for f in files.into_iter().filter(|f| f.extension().and_then(|e| e.to_str()) == Some("yaml")) {
+        for doc in yaml_docs(&f)? {
+            out.push((f.clone(), doc));
+        }
+    }
+    Ok(out)
+}
+
+#[test]
+fn gateway_manifests_validate_against_the_crds() -> anyhow::Result<()> {
+    let schemas = schemas()?;
+    assert!(schemas.contains_key(&("gateway.envoyproxy.io/v1alpha1".into(), "EnvoyExtensionPolicy".into())));
+    assert!(schemas.contains_key(&("gateway.networking.k8s.io/v1".into(), "HTTPRoute".into())));
+    let mut checked = HashMap::<String, usize>::new();
+    for (file, doc) in example_manifests()? {
+        let kind = doc["kind"].as_str().unwrap_or_default().to_string();
+        match validate(&schemas, &doc) {
+            Ok(true) => *checked.entry(kind).or_default() += 1,
+            // Core Kubernetes kinds have no CRD; they only need to parse.
+            Ok(false) => assert!(matches!(kind.as_str(), "Deployment" | "Service"), "no schema for {kind}"),
+            Err(errors) => panic!("{} ({kind}) is invalid:\n{}", file.display(), errors.join("\n")),
+        }
+    }
+    assert_eq!(checked.get("EnvoyExtensionPolicy"), Some(&1));
+    assert_eq!(checked.get("BackendTrafficPolicy"), Some(&2));
+    assert_eq!(checked.get("HTTPRoute"), Some(&2));
+    Ok(())
+}
+
+#[test]
+fn validation_catches_mistakes() -> anyhow::Result<()> {
+    let schemas = schemas()?;
+    let (_, mut eep) =
+        example_manifests()?.into_iter().find(|(_, d)| d["kind"] == "EnvoyExtensionPolicy").unwrap_or_default();
+    eep["spec"]["wasm"][0]["failopen"] = Value::Bool(true);
+    assert!(validate(&schemas, &eep).is_err(), "a misspelled field passed");
+    let (_, mut btp) =
+        example_manifests()?.into_iter().find(|(_, d)| d["kind"] == "BackendTrafficPolicy").unwrap_or_default();
+    btp["spec"]["loadBalancer"]["endpointOverride"]["extractFrom"] = serde_json::json!([]);
+    assert!(validate(&schemas, &btp).is_err(), "an empty extractFrom passed (minItems: 1)");
+    Ok(())
+}
+
+/// The filter's configuration in the policy parses, and its headers are the ones the
+/// BackendTrafficPolicy and the fallback HTTPRoute use.
+#[test]
+fn policy_config_agrees_with_routes_and_traffic_policy() -> anyhow::Result<()> {
+    let docs: Vec<Value> = example_manifests()?.into_iter().map(|(_, d)| d).collect();
+    let eep = docs.iter().find(|d| d["kind"] == "EnvoyExtensionPolicy").cloned().unwrap_or_default();
+    let config = Config::parse(serde_json::to_string(&eep["spec"]["wasm"][0]["config"])?.as_bytes())?;
+
+    let override_header = config.endpoint_override.map(|o| o.header).unwrap_or_default();
+    let btp_headers: Vec<&str> = docs
+        .iter()
+        .filter(|d| d["kind"] == "BackendTrafficPolicy")
+        .flat_map(|d| d["spec"]["loadBalancer"]["endpointOverride"]["extractFrom"].as_array().into_iter().flatten())
+        .filter_map(|e| e["header"].as_str())
+        .collect();
+    assert_eq!(btp_headers, vec![override_header.as_str()]);
+
+    let fallback = config.fallback.unwrap_or_default();
+    let route_header_matches: Vec<(String, String)> = docs
+        .iter()
+        .filter(|d| d["kind"] == "HTTPRoute")
+        .flat_map(|d| d["spec"]["rules"].as_array().cloned().unwrap_or_default())
+        .flat_map(|r| r["matches"].as_array().cloned().unwrap_or_default())
+        .flat_map(|m| m["headers"].as_array().cloned().unwrap_or_default())
+        .map(|h| {
+            (h["name"].as_str().unwrap_or_default().to_string(), h["value"].as_str().unwrap_or_default().to_string())
+        })
+        .collect();
+    assert_eq!(route_header_matches, vec![(fallback.header.clone(), fallback.value.clone())]);
+
+    let targets: Vec<&str> =
+        eep["spec"]["targetRefs"].as_array().into_iter().flatten().filter_map(|t| t["name"].as_str()).collect();
+    assert_eq!(targets, vec!["backend", "backend-fallback"], "the filter must see fallback traffic too");
+    Ok(())
+}
+
+/// `examples/envoy/envoy.yaml` is a configuration Envoy 1.40 accepts, with the built module.
+#[test]
+fn local_envoy_example_loads() -> anyhow::Result<()> {
+    let out = std::process::Command::new(envoy_bin()?)
+        .current_dir(workspace_root())
+        .args(["--mode", "validate", "--disable-hot-restart", "-c", "examples/envoy/envoy.yaml"])
+        .output()?;
+    let log = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && log.contains("OK"), "{log}");
+    Ok(())
+}
