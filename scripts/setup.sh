@@ -10,6 +10,7 @@ log() { printf '==> %s\n' "$*"; }
 # Debian packages, by the command that proves each is there.
 declare -A debs=(
   [node]=nodejs
+  [iptables]=iptables
 )
 missing=()
 for cmd in "${!debs[@]}"; do

@@ -56,6 +56,9 @@ pub struct GatewaySpec {
     pub outlier_detection: Option<Value>,
     /// Cluster `commonLbConfig`, e.g. a panic threshold.
     pub common_lb_config: Option<Value>,
+    /// Add `x-envoy-response-flags: %RESPONSE_FLAGS%` to responses, so load tools can tell
+    /// failures apart (benchmarks only; the same for every configuration compared).
+    pub expose_response_flags: bool,
 }
 
 fn lb_least_request() -> Value {
@@ -223,11 +226,14 @@ pub fn route_config(spec: &GatewaySpec) -> Value {
     }
     enable(&mut primary);
     routes.push(primary);
-    json!({
-        "name": ROUTE_CONFIG,
-        "ignorePortInHostMatching": true,
-        "virtualHosts": [{"name": "envoy-gateway/gateway-1/http/*", "domains": ["*"], "routes": routes}]
-    })
+    let mut vhost = json!({"name": "envoy-gateway/gateway-1/http/*", "domains": ["*"], "routes": routes});
+    if spec.expose_response_flags {
+        vhost["responseHeadersToAdd"] = json!([{
+            "header": {"key": "x-envoy-response-flags", "value": "%RESPONSE_FLAGS%"},
+            "appendAction": "OVERWRITE_IF_EXISTS_OR_ADD"
+        }]);
+    }
+    json!({"name": ROUTE_CONFIG, "ignorePortInHostMatching": true, "virtualHosts": [vhost]})
 }
 
 pub fn endpoints(cluster: &str, addrs: &[SocketAddr]) -> Value {

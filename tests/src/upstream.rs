@@ -12,8 +12,10 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 /// How an upstream answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,11 +52,22 @@ struct Shared {
     body: Option<Bytes>,
 }
 
-/// One upstream server. Dropping it stops it.
+/// What open connections should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lifecycle {
+    Serving,
+    /// Finish the request in flight, then close (SIGTERM handled well).
+    Draining,
+    /// Close now (the process is gone).
+    Killed,
+}
+
+/// One upstream server. Dropping it kills it.
 pub struct Upstream {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    tasks: Option<JoinSet<()>>,
+    lifecycle: watch::Sender<Lifecycle>,
+    accept: Option<JoinHandle<()>>,
 }
 
 impl Upstream {
@@ -68,7 +81,8 @@ impl Upstream {
         Self::start_at(name, "127.0.0.1:0".parse()?, Some(Bytes::from(body))).await
     }
 
-    /// Starts an upstream on a given address, e.g. one that refused connections until now.
+    /// Starts an upstream on a given address (port 0 picks one), e.g. one that refused
+    /// connections until now, or a pod's own loopback IP.
     pub async fn start_on(name: &str, addr: SocketAddr) -> anyhow::Result<Self> {
         Self::start_at(name, addr, None).await
     }
@@ -80,7 +94,8 @@ impl Upstream {
             counters: Mutex::new(Counters::default()),
             body,
         });
-        let mut up = Self { addr, shared, tasks: None };
+        let (lifecycle, _) = watch::channel(Lifecycle::Serving);
+        let mut up = Self { addr, shared, lifecycle, accept: None };
         up.listen().await?;
         Ok(up)
     }
@@ -88,21 +103,39 @@ impl Upstream {
     async fn listen(&mut self) -> anyhow::Result<()> {
         let listener = TcpListener::bind(self.addr).await?;
         self.addr = listener.local_addr()?;
+        let (lifecycle, _) = watch::channel(Lifecycle::Serving);
+        self.lifecycle = lifecycle;
         let shared = Arc::clone(&self.shared);
-        let mut tasks = JoinSet::new();
-        tasks.spawn(async move {
-            let mut connections = JoinSet::new();
+        let rx = self.lifecycle.subscribe();
+        self.accept = Some(tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
+                let _ = stream.set_nodelay(true);
                 let shared = Arc::clone(&shared);
-                connections.spawn(async move {
+                let mut rx = rx.clone();
+                tokio::spawn(async move {
                     let svc = service_fn(move |req| handle(Arc::clone(&shared), req));
-                    let _ = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), svc).await;
+                    let conn = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), svc);
+                    tokio::pin!(conn);
+                    loop {
+                        tokio::select! {
+                            _ = conn.as_mut() => return,
+                            changed = rx.changed() => {
+                                let state = *rx.borrow();
+                                if changed.is_err() || state == Lifecycle::Killed {
+                                    return; // dropping the connection closes the socket
+                                }
+                                if state == Lifecycle::Draining {
+                                    conn.as_mut().graceful_shutdown();
+                                    let _ = tokio::time::timeout(Duration::from_secs(30), conn.as_mut()).await;
+                                    return;
+                                }
+                            }
+                        }
+                    }
                 });
-                while connections.try_join_next().is_some() {}
             }
-        });
-        self.tasks = Some(tasks);
+        }));
         Ok(())
     }
 
@@ -114,15 +147,32 @@ impl Upstream {
         self.shared.mode.store(mode as u8, Ordering::SeqCst);
     }
 
-    /// Stops listening and drops every open connection: the port now refuses connections,
-    /// like a pod whose process has exited.
-    pub async fn kill(&mut self) {
-        if let Some(mut tasks) = self.tasks.take() {
-            tasks.shutdown().await;
+    fn stop_accepting(&mut self) {
+        if let Some(accept) = self.accept.take() {
+            accept.abort();
         }
     }
 
-    /// Listens again on the same port.
+    /// The process is gone: the port refuses connections, open ones are closed at once.
+    pub fn kill_now(&mut self) {
+        self.stop_accepting();
+        let _ = self.lifecycle.send(Lifecycle::Killed);
+    }
+
+    /// `kill_now`, then let the connection tasks see it.
+    pub async fn kill(&mut self) {
+        self.kill_now();
+        tokio::task::yield_now().await;
+    }
+
+    /// SIGTERM handled well: stop accepting, finish requests in flight, close keep-alive
+    /// connections as they go idle.
+    pub fn drain(&mut self) {
+        self.stop_accepting();
+        let _ = self.lifecycle.send(Lifecycle::Draining);
+    }
+
+    /// Listens again on the same address.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill().await;
         self.listen().await
@@ -134,6 +184,13 @@ impl Upstream {
 
     pub fn hits_for(&self, method: &str) -> u64 {
         self.shared.counters.lock().map(|c| c.by_method.get(method).copied().unwrap_or(0)).unwrap_or(0)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop_accepting();
+        let _ = self.lifecycle.send(Lifecycle::Killed);
     }
 }
 

@@ -1,0 +1,317 @@
+//! `churn-lab`: the demo and the benchmarks.
+
+use churn_lab::pods::{RolloutSpec, Termination};
+use churn_lab::report::{self, Summary};
+use churn_lab::scenario::{self, Load, RunResult, Scenario};
+use churn_lab::variants::Variant;
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(about = "Rolling restarts behind real Envoy, with and without churn-guard")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A short rolling restart, first without then with churn-guard, on loopback.
+    Demo {
+        #[arg(long, default_value_t = 30)]
+        pods: usize,
+        /// How late the control plane tells Envoy about endpoint changes, in seconds.
+        #[arg(long, default_value_t = 10)]
+        lag: u64,
+        #[arg(long, default_value_t = 300)]
+        rate: u32,
+        #[arg(long, default_value = "target/demo")]
+        out: PathBuf,
+    },
+    /// Scenarios S1-S3 for every configuration; writes table, CSV and charts.
+    Bench {
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+        #[arg(long, value_delimiter = ',', value_enum, default_value = "s1,s2,s3")]
+        scenarios: Vec<ScenarioName>,
+    },
+    /// One scenario with chosen configurations and parameters.
+    Run {
+        #[arg(long, value_enum, default_value_t = ScenarioName::S1)]
+        scenario: ScenarioName,
+        #[arg(long, value_delimiter = ',', value_enum)]
+        variants: Vec<Variant>,
+        #[arg(long)]
+        pods: Option<usize>,
+        #[arg(long)]
+        lag: Option<u64>,
+        #[arg(long)]
+        rate: Option<u32>,
+        #[arg(long, value_enum)]
+        termination: Option<TerminationArg>,
+        #[arg(long, default_value = "target/churn-lab")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ScenarioName {
+    S1,
+    S2,
+    S3,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum TerminationArg {
+    Graceful,
+    Abrupt,
+    Vanish,
+}
+
+fn rollout(replicas: usize, termination: Termination) -> RolloutSpec {
+    RolloutSpec {
+        replicas,
+        max_surge: 0.25,
+        max_unavailable: 0.25,
+        readiness_delay: Duration::from_secs(3),
+        termination,
+    }
+}
+
+/// S1, the reported outage: 100 pods, default strategy, control plane 30 s late.
+fn s1() -> Scenario {
+    Scenario {
+        name: "S1".into(),
+        replicas: 100,
+        termination: Termination::Graceful,
+        rollout: Some(rollout(100, Termination::Graceful)),
+        lag: Duration::from_secs(30),
+        batch: Duration::from_secs(1),
+        load: Load::Open { rate: 500 },
+        warmup: Duration::from_secs(8),
+        settle: Duration::from_secs(5),
+        steady_for: Duration::ZERO,
+        per_try_timeout: None,
+    }
+}
+
+/// S2: pods vanish without a reset; connects and requests in flight time out.
+fn s2() -> Scenario {
+    let mut s = s1();
+    s.name = "S2".into();
+    s.replicas = 50;
+    s.termination = Termination::Vanish;
+    s.rollout = Some(rollout(50, Termination::Vanish));
+    s.load = Load::Open { rate: 300 };
+    // Requests already sent on a connection to a vanished pod hang; only a per-try timeout
+    // lets any retry policy move them elsewhere before the route times out.
+    s.per_try_timeout = Some(Duration::from_secs(2));
+    s
+}
+
+/// S3: steady state, no churn: what the filter costs.
+fn s3(load: Load, name: &str) -> Scenario {
+    Scenario {
+        name: name.into(),
+        replicas: 10,
+        termination: Termination::Graceful,
+        rollout: None,
+        lag: Duration::ZERO,
+        batch: Duration::from_secs(1),
+        load,
+        warmup: Duration::from_secs(3),
+        settle: Duration::ZERO,
+        steady_for: Duration::from_secs(20),
+        per_try_timeout: None,
+    }
+}
+
+fn say(line: &str) {
+    eprintln!("{line}");
+}
+
+async fn run_all(scenario: &Scenario, variants: &[Variant]) -> anyhow::Result<Vec<RunResult>> {
+    let mut out = vec![];
+    for v in variants {
+        say(&format!("== {} with {}", scenario.name, v.name()));
+        out.push(scenario::run(scenario, *v, &say).await?);
+    }
+    Ok(out)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string()))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or(String::new(), |kb| format!("{:.0} GiB", kb as f64 / 1048576.0));
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let envoy = harness::envoy::envoy_bin()
+        .ok()
+        .and_then(|b| std::process::Command::new(b).arg("--version").output().ok())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().replace('\n', " "))
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} cores ({cpu}), {mem} memory, Linux {}; {envoy}", kernel.trim())
+}
+
+fn write_results(out: &Path, command: &str, sections: &[(String, Vec<RunResult>)], notes: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out)?;
+    let mut md = format!(
+        "# Churn lab results\n\nProduced by `{command}` on {} (UTC date {}).\n\nMachine: {}\n\n",
+        hostname(),
+        today(),
+        machine()
+    );
+    let mut all = vec![];
+    for (title, results) in sections {
+        let summaries: Vec<Summary> = results.iter().map(report::summarize).collect();
+        let chart = format!("{}.svg", title.split_whitespace().next().unwrap_or("chart").to_lowercase());
+        std::fs::write(out.join(&chart), report::svg(title, results))?;
+        md.push_str(&format!("## {title}\n\n![{title}]({chart})\n\n{}\n", report::table(&summaries)));
+        all.extend(results.iter().cloned());
+    }
+    md.push_str(notes);
+    std::fs::write(out.join("results.md"), md)?;
+    std::fs::write(out.join("results.csv"), report::csv(&all))?;
+    say(&format!("results in {}", out.display()));
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+}
+
+fn today() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+async fn demo(pods: usize, lag: u64, rate: u32, out: &Path) -> anyhow::Result<()> {
+    let mut scenario = s1();
+    scenario.name = "demo".into();
+    scenario.replicas = pods;
+    scenario.rollout =
+        Some(RolloutSpec { readiness_delay: Duration::from_secs(2), ..rollout(pods, Termination::Graceful) });
+    scenario.lag = Duration::from_secs(lag);
+    scenario.load = Load::Open { rate };
+    scenario.warmup = Duration::from_secs(5);
+    scenario.settle = Duration::from_secs(3);
+    say(&format!(
+        "churn-guard demo: {pods} pods on loopback behind Envoy, rolling restart (25% surge, 25% unavailable), \
+         control plane {lag}s late, {rate} requests/s"
+    ));
+    let results = run_all(&scenario, &[Variant::Plain, Variant::ChurnGuardFallback]).await?;
+    let summaries: Vec<Summary> = results.iter().map(report::summarize).collect();
+    std::fs::create_dir_all(out)?;
+    let chart = out.join("chart.svg");
+    std::fs::write(&chart, report::svg("Rolling restart behind Envoy: without and with churn-guard", &results))?;
+    println!("\n{}", report::table(&summaries));
+    println!("chart: {}", chart.display());
+    Ok(())
+}
+
+async fn bench(out: &Path, scenarios: &[ScenarioName]) -> anyhow::Result<()> {
+    let mut sections = vec![];
+    let mut notes = String::new();
+    for name in scenarios {
+        match name {
+            ScenarioName::S1 => {
+                sections.push((
+                    "S1 rolling restart, 100 pods, control plane 30 s late".to_string(),
+                    run_all(&s1(), &Variant::ALL).await?,
+                ));
+            }
+            ScenarioName::S2 => {
+                sections.push((
+                    "S2 pods vanish without a reset (connect timeouts)".to_string(),
+                    run_all(&s2(), &Variant::ALL).await?,
+                ));
+            }
+            ScenarioName::S3 => {
+                let variants = [Variant::Plain, Variant::ChurnGuard, Variant::ChurnGuardOverride];
+                let fixed = s3(Load::Open { rate: 500 }, "S3-fixed-rate");
+                sections.push((
+                    "S3a steady state at 500 requests/s (latency)".to_string(),
+                    run_all(&fixed, &variants).await?,
+                ));
+                let saturated = s3(Load::Closed { concurrency: 32 }, "S3-saturation");
+                sections.push((
+                    "S3b steady state at saturation, 32 clients (throughput)".to_string(),
+                    run_all(&saturated, &variants).await?,
+                ));
+                notes.push_str(
+                    "\nS3 runs the load generator, Envoy (2 workers) and the upstreams on the same 2 cores, so \
+                     saturation figures are relative: compare configurations, not absolute numbers.\n",
+                );
+            }
+        }
+    }
+    let names: Vec<String> = scenarios.iter().map(|s| format!("{s:?}").to_lowercase()).collect();
+    let command = format!("make bench (churn-lab bench --scenarios {})", names.join(","));
+    write_results(out, &command, &sections, &notes)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let work = async {
+        match cli.command {
+            Command::Demo { pods, lag, rate, out } => demo(pods, lag, rate, &out).await,
+            Command::Bench { out, scenarios } => bench(&out, &scenarios).await,
+            Command::Run { scenario, variants, pods, lag, rate, termination, out } => {
+                let mut s = match scenario {
+                    ScenarioName::S1 => s1(),
+                    ScenarioName::S2 => s2(),
+                    ScenarioName::S3 => s3(Load::Open { rate: 500 }, "S3"),
+                };
+                if let Some(p) = pods {
+                    s.replicas = p;
+                    if let Some(r) = s.rollout.as_mut() {
+                        r.replicas = p;
+                    }
+                }
+                if let Some(l) = lag {
+                    s.lag = Duration::from_secs(l);
+                }
+                if let Some(r) = rate {
+                    s.load = Load::Open { rate: r };
+                }
+                if let Some(t) = termination {
+                    let t = match t {
+                        TerminationArg::Graceful => Termination::Graceful,
+                        TerminationArg::Abrupt => Termination::Abrupt,
+                        TerminationArg::Vanish => Termination::Vanish,
+                    };
+                    s.termination = t;
+                    if let Some(r) = s.rollout.as_mut() {
+                        r.termination = t;
+                    }
+                }
+                let variants = if variants.is_empty() { Variant::ALL.to_vec() } else { variants };
+                let results = run_all(&s, &variants).await?;
+                write_results(&out, &std::env::args().collect::<Vec<_>>().join(" "), &[(s.name.clone(), results)], "")
+            }
+        }
+    };
+    // Ctrl-C drops everything in flight: Envoy, pods and iptables rules go with it.
+    tokio::select! {
+        result = work => result,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted; stopping Envoy and the pods");
+            Ok(())
+        }
+    }
+}

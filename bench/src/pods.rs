@@ -1,0 +1,149 @@
+//! A Deployment of "pods" on loopback and its rolling update, as the Deployment controller does
+//! it: new pods up to `replicas + maxSurge`, old pods down while at least
+//! `replicas - maxUnavailable` are ready, new pods ready after a readiness delay.
+//!
+//! Each pod has its own loopback IP (127.1.x.y), like a pod IP, and a new pod never reuses an
+//! old one's. `ready` is what the EndpointSlice says right now; the control plane passes it on
+//! to Envoy late.
+
+use crate::blackhole::Blackhole;
+use harness::upstream::Upstream;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Termination {
+    /// SIGTERM handled: stop accepting (connections are refused), drain keep-alive connections.
+    Graceful,
+    /// The process dies: connections are reset, the port refuses.
+    Abrupt,
+    /// The pod's IP disappears from the network without a reset: packets are dropped, so
+    /// connects and requests in flight time out (needs iptables).
+    Vanish,
+}
+
+#[derive(Debug, Clone)]
+pub struct RolloutSpec {
+    pub replicas: usize,
+    pub max_surge: f64,
+    pub max_unavailable: f64,
+    pub readiness_delay: Duration,
+    pub termination: Termination,
+}
+
+impl RolloutSpec {
+    /// maxSurge rounds up and maxUnavailable down, as Kubernetes does; both 0 means surge 1.
+    pub fn limits(&self) -> (usize, usize) {
+        let surge = (self.replicas as f64 * self.max_surge).ceil() as usize;
+        let unavailable = (self.replicas as f64 * self.max_unavailable).floor() as usize;
+        if surge == 0 && unavailable == 0 {
+            (1, 0)
+        } else {
+            (surge, unavailable)
+        }
+    }
+}
+
+struct Pod {
+    upstream: Upstream,
+    generation: u32,
+    ready_at: Instant,
+}
+
+/// Shared view of the pods that are ready and not terminating: the EndpointSlice truth, which
+/// kube-proxy (the Service path) follows at once.
+pub type Endpoints = Arc<RwLock<Vec<SocketAddr>>>;
+
+pub struct Deployment {
+    pods: Vec<Pod>,
+    terminated: Vec<Upstream>,
+    next_id: usize,
+    pub endpoints: Endpoints,
+    blackhole: Option<Blackhole>,
+}
+
+fn pod_ip(id: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 1, (id / 250) as u8, (id % 250 + 1) as u8))
+}
+
+impl Deployment {
+    /// Starts `replicas` ready pods.
+    pub async fn start(replicas: usize, termination: Termination) -> anyhow::Result<Self> {
+        let blackhole = if termination == Termination::Vanish { Some(Blackhole::new()?) } else { None };
+        let mut d = Self { pods: vec![], terminated: vec![], next_id: 0, endpoints: Arc::default(), blackhole };
+        let now = Instant::now();
+        for _ in 0..replicas {
+            d.create(0, now).await?;
+        }
+        d.publish(now);
+        Ok(d)
+    }
+
+    async fn create(&mut self, generation: u32, ready_at: Instant) -> anyhow::Result<()> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let upstream = Upstream::start_on(&format!("pod-{id}"), SocketAddr::new(pod_ip(id), 0)).await?;
+        self.pods.push(Pod { upstream, generation, ready_at });
+        Ok(())
+    }
+
+    pub fn ready_addrs(&self, now: Instant) -> Vec<SocketAddr> {
+        self.pods.iter().filter(|p| p.ready_at <= now).map(|p| p.upstream.addr).collect()
+    }
+
+    fn publish(&self, now: Instant) {
+        if let Ok(mut e) = self.endpoints.write() {
+            *e = self.ready_addrs(now);
+        }
+    }
+
+    fn terminate(&mut self, index: usize, how: Termination) {
+        let mut pod = self.pods.swap_remove(index);
+        match how {
+            Termination::Graceful => pod.upstream.drain(),
+            Termination::Abrupt => pod.upstream.kill_now(),
+            Termination::Vanish => {
+                if let Some(b) = &self.blackhole {
+                    b.drop_traffic_to(pod.upstream.addr);
+                }
+            }
+        }
+        self.terminated.push(pod.upstream);
+    }
+
+    /// Replaces every pod of the current generation, Kubernetes-style. Returns when the last
+    /// new pod is ready and the last old one is gone.
+    pub async fn rolling_update(&mut self, spec: &RolloutSpec) -> anyhow::Result<()> {
+        let (surge, unavailable) = spec.limits();
+        let n = spec.replicas;
+        let generation = self.pods.iter().map(|p| p.generation).max().unwrap_or(0) + 1;
+        loop {
+            let now = Instant::now();
+            let new = self.pods.iter().filter(|p| p.generation == generation).count();
+            let old = self.pods.len() - new;
+            if old == 0 && self.pods.iter().all(|p| p.ready_at <= now) {
+                self.publish(now);
+                return Ok(());
+            }
+            let creatable = (n + surge).saturating_sub(self.pods.len()).min(n.saturating_sub(new));
+            for _ in 0..creatable {
+                self.create(generation, now + spec.readiness_delay).await?;
+            }
+            let mut ready = self.pods.iter().filter(|p| p.ready_at <= now).count();
+            while ready > n.saturating_sub(unavailable) {
+                let Some(i) = self.pods.iter().position(|p| p.generation != generation) else { break };
+                self.terminate(i, spec.termination);
+                ready -= 1;
+            }
+            self.publish(now);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Requests served by every pod, old and new.
+    pub fn total_hits(&self) -> u64 {
+        self.pods.iter().map(|p| p.upstream.hits()).chain(self.terminated.iter().map(Upstream::hits)).sum()
+    }
+}

@@ -1,0 +1,220 @@
+//! Summaries, a markdown table, a per-second CSV and an SVG chart of the runs.
+
+use crate::scenario::RunResult;
+use hdrhistogram::Histogram;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub scenario: String,
+    pub variant: &'static str,
+    pub sent: u64,
+    pub ok: u64,
+    pub failed: u64,
+    pub success_pct: f64,
+    /// Mean successful requests per second before the rollout.
+    pub steady_rps: f64,
+    /// Mean successful requests per second from rollout start until Envoy caught up, as a share
+    /// of the steady state.
+    pub rollout_rps_pct: Option<f64>,
+    /// The worst second's successful requests, over the whole run after warm-up.
+    pub worst_second_rps: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub failures: BTreeMap<String, u64>,
+}
+
+fn merged(result: &RunResult, from: usize, to: usize) -> Histogram<u64> {
+    let mut h = Histogram::new_with_bounds(1, 60_000_000, 2).unwrap_or_else(|_| unreachable!());
+    for s in result.seconds.iter().skip(from).take(to.saturating_sub(from)) {
+        let _ = h.add(&s.latency_us);
+    }
+    h
+}
+
+pub fn summarize(result: &RunResult) -> Summary {
+    // Second 0 includes connection set-up; leave it out of steady-state figures.
+    let secs = &result.seconds;
+    let (sent, ok, failed) = secs.iter().fold((0, 0, 0), |(s, o, f), x| (s + x.sent, o + x.ok, f + x.failed_total()));
+    let mut failures = BTreeMap::new();
+    for s in secs {
+        for (k, v) in &s.failed {
+            *failures.entry(k.clone()).or_insert(0) += v;
+        }
+    }
+    let steady_end = result.rollout.map_or(secs.len(), |(began, _, _)| began as usize).min(secs.len());
+    let steady: Vec<u64> = secs.iter().take(steady_end).skip(1).map(|s| s.ok).collect();
+    let steady_rps = if steady.is_empty() { 0.0 } else { steady.iter().sum::<u64>() as f64 / steady.len() as f64 };
+    let rollout_rps_pct = result.rollout.map(|(began, _, caught_up)| {
+        let window: Vec<u64> =
+            secs.iter().skip(began as usize).take((caught_up - began).ceil() as usize).map(|s| s.ok).collect();
+        let mean = window.iter().sum::<u64>() as f64 / window.len().max(1) as f64;
+        100.0 * mean / steady_rps.max(1e-9)
+    });
+    let worst_second_rps = secs.iter().skip(1).map(|s| s.ok).min().unwrap_or(0);
+    let h = merged(result, 1, secs.len());
+    Summary {
+        scenario: result.scenario.clone(),
+        variant: result.variant,
+        sent,
+        ok,
+        failed,
+        success_pct: 100.0 * ok as f64 / sent.max(1) as f64,
+        steady_rps,
+        rollout_rps_pct,
+        worst_second_rps,
+        p50_ms: h.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
+        failures,
+    }
+}
+
+pub fn table(summaries: &[Summary]) -> String {
+    let mut out = String::from(
+        "| scenario | configuration | requests | failed | success | steady ok/s | ok/s during rollout | worst second ok/s | p50 ms | p99 ms | main failures |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    for s in summaries {
+        let mut kinds: Vec<(&String, &u64)> = s.failures.iter().collect();
+        kinds.sort_by(|a, b| b.1.cmp(a.1));
+        let kinds: Vec<String> = kinds.iter().take(3).map(|(k, v)| format!("{k}: {v}")).collect();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.3}% | {:.0} | {} | {} | {:.2} | {:.2} | {} |",
+            s.scenario,
+            s.variant,
+            s.sent,
+            s.failed,
+            s.success_pct,
+            s.steady_rps,
+            s.rollout_rps_pct.map_or("-".into(), |p| format!("{p:.1}%")),
+            s.worst_second_rps,
+            s.p50_ms,
+            s.p99_ms,
+            if kinds.is_empty() { "-".into() } else { kinds.join(", ") },
+        );
+    }
+    out
+}
+
+pub fn csv(results: &[RunResult]) -> String {
+    let mut out = String::from("scenario,configuration,second,sent,ok,failed,p50_ms,p99_ms,failures\n");
+    for r in results {
+        for (i, s) in r.seconds.iter().enumerate() {
+            let kinds: Vec<String> = s.failed.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let _ = writeln!(
+                out,
+                "{},{},{i},{},{},{},{:.3},{:.3},\"{}\"",
+                r.scenario,
+                r.variant,
+                s.sent,
+                s.ok,
+                s.failed_total(),
+                s.latency_us.value_at_quantile(0.5) as f64 / 1000.0,
+                s.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
+                kinds.join(";")
+            );
+        }
+    }
+    out
+}
+
+const COLORS: [&str; 6] = ["#d62728", "#ff7f0e", "#9467bd", "#1f77b4", "#2ca02c", "#17becf"];
+
+/// Successful requests per second (top) and error rate (bottom), one line per configuration.
+pub fn svg(title: &str, results: &[RunResult]) -> String {
+    let (w, h, left, right, top) = (960.0, 560.0, 70.0, 200.0, 40.0);
+    let panel = 210.0;
+    let gap = 50.0;
+    let plot_w = w - left - right;
+    let max_t = results.iter().map(|r| r.seconds.len()).max().unwrap_or(1).max(2) as f64 - 1.0;
+    let max_rps =
+        results.iter().flat_map(|r| r.seconds.iter().map(|s| s.sent.max(s.ok))).max().unwrap_or(1).max(1) as f64;
+    let err = |s: &crate::load::Second| 100.0 * s.failed_total() as f64 / s.sent.max(1) as f64;
+    let max_err = results.iter().flat_map(|r| r.seconds.iter().map(err)).fold(1.0_f64, f64::max).min(100.0);
+    let x = |t: f64| left + plot_w * t / max_t;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(
+        o,
+        r#"<rect width="100%" height="100%" fill="white"/><text x="{left}" y="22" font-size="15" font-weight="bold">{title}</text>"#
+    );
+    if let Some((began, _, caught_up)) = results.iter().find_map(|r| r.rollout) {
+        for (y0, label) in [(top, "rollout until Envoy catches up"), (top + panel + gap, "")] {
+            let _ = writeln!(
+                o,
+                r##"<rect x="{:.1}" y="{y0}" width="{:.1}" height="{panel}" fill="#f2f2f2"/><text x="{:.1}" y="{:.1}" fill="#777">{label}</text>"##,
+                x(began),
+                x(caught_up) - x(began),
+                x(began) + 4.0,
+                y0 + 14.0
+            );
+        }
+    }
+    for (i, (y0, label, max)) in
+        [(top, "successful requests/s", max_rps), (top + panel + gap, "failed requests (%)", max_err)]
+            .iter()
+            .enumerate()
+    {
+        let _ =
+            writeln!(o, r##"<rect x="{left}" y="{y0}" width="{plot_w}" height="{panel}" fill="none" stroke="#999"/>"##);
+        let _ = writeln!(
+            o,
+            r#"<text x="14" y="{:.1}" transform="rotate(-90 14 {:.1})" text-anchor="middle">{label}</text>"#,
+            y0 + panel / 2.0,
+            y0 + panel / 2.0
+        );
+        for k in 0..=4 {
+            let v = max * f64::from(k) / 4.0;
+            let y = y0 + panel - panel * f64::from(k) / 4.0;
+            let _ = writeln!(
+                o,
+                r##"<line x1="{left}" x2="{:.1}" y1="{y:.1}" y2="{y:.1}" stroke="#e5e5e5"/><text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"##,
+                left + plot_w,
+                left - 6.0,
+                y + 4.0,
+                if i == 0 { format!("{v:.0}") } else { format!("{v:.1}") }
+            );
+        }
+        for (n, r) in results.iter().enumerate() {
+            let color = COLORS.get(n % COLORS.len()).copied().unwrap_or("black");
+            let points: Vec<String> = r
+                .seconds
+                .iter()
+                .enumerate()
+                .map(|(t, s)| {
+                    let v = if i == 0 { s.ok as f64 } else { err(s) };
+                    format!("{:.1},{:.1}", x(t as f64), y0 + panel - panel * (v / max).min(1.0))
+                })
+                .collect();
+            let _ = writeln!(
+                o,
+                r#"<polyline fill="none" stroke="{color}" stroke-width="1.6" points="{}"/>"#,
+                points.join(" ")
+            );
+        }
+    }
+    let bottom = top + 2.0 * panel + gap;
+    for k in 0..=5 {
+        let t = max_t * f64::from(k) / 5.0;
+        let _ = writeln!(o, r#"<text x="{:.1}" y="{:.1}" text-anchor="middle">{t:.0}s</text>"#, x(t), bottom + 16.0);
+    }
+    for (n, r) in results.iter().enumerate() {
+        let color = COLORS.get(n % COLORS.len()).copied().unwrap_or("black");
+        let y = top + 10.0 + 20.0 * n as f64;
+        let _ = writeln!(
+            o,
+            r#"<line x1="{:.1}" x2="{:.1}" y1="{y}" y2="{y}" stroke="{color}" stroke-width="3"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+            w - right + 15.0,
+            w - right + 40.0,
+            w - right + 46.0,
+            y + 4.0,
+            r.variant
+        );
+    }
+    o.push_str("</svg>\n");
+    o
+}

@@ -1,0 +1,137 @@
+//! One scenario run against one configuration: pods, a lagging control plane, real Envoy,
+//! load, and a rolling restart in the middle.
+
+use crate::control_plane::ControlPlane;
+use crate::load::{self, Recorder, Second};
+use crate::pods::{Deployment, RolloutSpec, Termination};
+use crate::service::ServiceProxy;
+use crate::variants::Variant;
+use harness::gateway::PRIMARY;
+use harness::Lab;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+#[derive(Debug, Clone, Copy)]
+pub enum Load {
+    /// Fixed request rate, whatever the answers take.
+    Open { rate: u32 },
+    /// This many clients sending back to back.
+    Closed { concurrency: usize },
+}
+
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: String,
+    pub replicas: usize,
+    pub termination: Termination,
+    /// None: steady state for `steady_for`.
+    pub rollout: Option<RolloutSpec>,
+    pub lag: Duration,
+    pub batch: Duration,
+    pub load: Load,
+    pub warmup: Duration,
+    /// After the rollout and the lag, keep measuring this long.
+    pub settle: Duration,
+    pub steady_for: Duration,
+    /// Per-try timeout for the configurations that retry on other endpoints (see `Variant`).
+    pub per_try_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    pub scenario: String,
+    pub variant: &'static str,
+    pub seconds: Vec<Second>,
+    /// Seconds since the start: rollout start, rollout end, and when Envoy's view caught up.
+    pub rollout: Option<(f64, f64, f64)>,
+}
+
+pub type Progress<'a> = &'a (dyn Fn(&str) + Sync);
+
+pub async fn run(scenario: &Scenario, variant: Variant, progress: Progress<'_>) -> anyhow::Result<RunResult> {
+    let mut deployment = Deployment::start(scenario.replicas, scenario.termination).await?;
+    let service =
+        if variant.needs_service() { Some(ServiceProxy::start(deployment.endpoints.clone()).await?) } else { None };
+    let ready = deployment.ready_addrs(Instant::now());
+    let fallback: Vec<_> = service.iter().map(|s| s.addr).collect();
+    let filter_config = variant.filter_config(scenario.per_try_timeout);
+    let lab = Lab::start(variant.spec(scenario.per_try_timeout), filter_config.as_deref(), &ready, &fallback).await?;
+    let _control_plane =
+        ControlPlane::start(lab.xds.dir.clone(), PRIMARY, deployment.endpoints.clone(), scenario.lag, scenario.batch);
+
+    let recorder = Arc::new(Recorder::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let url = lab.url("/");
+    let load = match scenario.load {
+        Load::Open { rate } => {
+            tokio::spawn(load::open_loop(url, rate, start, Arc::clone(&stop), Arc::clone(&recorder)))
+        }
+        Load::Closed { concurrency } => {
+            tokio::spawn(load::closed_loop(url, concurrency, start, Arc::clone(&stop), Arc::clone(&recorder)))
+        }
+    };
+    let reporter = {
+        let (recorder, stop) = (Arc::clone(&recorder), Arc::clone(&stop));
+        let label = format!("{} {:<22}", scenario.name, variant.name());
+        let progress = progress_line(label);
+        async move {
+            let mut tick = tokio::time::interval_at(start + Duration::from_secs(2), Duration::from_secs(1));
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let secs = recorder.snapshot();
+                let i = start.elapsed().as_secs().saturating_sub(2) as usize;
+                if let Some(s) = secs.get(i) {
+                    progress(i, s);
+                }
+            }
+        }
+    };
+    let reporter = tokio::spawn(reporter);
+
+    tokio::time::sleep(scenario.warmup).await;
+    let rollout = match &scenario.rollout {
+        Some(spec) => {
+            let began = start.elapsed().as_secs_f64();
+            progress(&format!("rolling restart of {} pods begins", scenario.replicas));
+            deployment.rolling_update(spec).await?;
+            let ended = start.elapsed().as_secs_f64();
+            tokio::time::sleep(scenario.lag + scenario.batch).await;
+            let caught_up = start.elapsed().as_secs_f64();
+            tokio::time::sleep(scenario.settle).await;
+            Some((began, ended, caught_up))
+        }
+        None => {
+            tokio::time::sleep(scenario.steady_for).await;
+            None
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    let _ = load.await;
+    reporter.abort();
+    let mut seconds = recorder.snapshot();
+    // Sending stopped within the last second: it is partial.
+    if seconds.len() > 1 {
+        seconds.pop();
+    }
+    drop(lab);
+    drop(service);
+    drop(deployment);
+    Ok(RunResult { scenario: scenario.name.clone(), variant: variant.name(), seconds, rollout })
+}
+
+fn progress_line(label: String) -> impl Fn(usize, &Second) + Send + Sync {
+    move |i, s| {
+        let failed = s.failed_total();
+        let kinds: Vec<String> = s.failed.iter().take(3).map(|(k, v)| format!("{k}: {v}")).collect();
+        eprintln!(
+            "  {label} t={i:>3}s  sent {:>5}  ok {:>5}  failed {:>5}{}",
+            s.sent,
+            s.ok,
+            failed,
+            if kinds.is_empty() { String::new() } else { format!("  ({})", kinds.join(", ")) }
+        );
+    }
+}

@@ -1,0 +1,131 @@
+//! The configurations compared, each in the terms of what Envoy Gateway would generate.
+
+use harness::gateway::{FallbackRoute, GatewaySpec};
+use serde_json::{json, Value};
+
+pub const OVERRIDE_HEADER: &str = "x-gateway-destination-endpoint";
+pub const FALLBACK_HEADER: &str = "x-churn-guard-fallback";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Variant {
+    /// What Envoy Gateway generates by default: least request, no retries, no outlier detection.
+    Plain,
+    /// BackendTrafficPolicy `retry: {}` and `healthCheck.passive: {}` with Envoy Gateway's defaults.
+    Builtin,
+    /// The best Envoy-native tuning: retries on other hosts, one local-origin failure ejects,
+    /// 100% may be ejected, panic mode off.
+    BuiltinTuned,
+    /// churn-guard with `{}`.
+    ChurnGuard,
+    /// churn-guard steering through `endpointOverride`.
+    ChurnGuardOverride,
+    /// churn-guard steering, falling back to the Service path when the endpoint set looks stale.
+    ChurnGuardFallback,
+}
+
+impl Variant {
+    pub const ALL: [Variant; 6] = [
+        Variant::Plain,
+        Variant::Builtin,
+        Variant::BuiltinTuned,
+        Variant::ChurnGuard,
+        Variant::ChurnGuardOverride,
+        Variant::ChurnGuardFallback,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Variant::Plain => "plain",
+            Variant::Builtin => "builtin",
+            Variant::BuiltinTuned => "builtin-tuned",
+            Variant::ChurnGuard => "churn-guard",
+            Variant::ChurnGuardOverride => "churn-guard+override",
+            Variant::ChurnGuardFallback => "churn-guard+fallback",
+        }
+    }
+
+    /// `per_try_timeout` is what a user facing hanging connections would set; it is given to the
+    /// tuned baseline and to churn-guard alike.
+    pub fn filter_config(self, per_try_timeout: Option<std::time::Duration>) -> Option<String> {
+        let mut c = match self {
+            Variant::Plain | Variant::Builtin | Variant::BuiltinTuned => return None,
+            Variant::ChurnGuard => json!({}),
+            Variant::ChurnGuardOverride => json!({"endpointOverride": {"header": OVERRIDE_HEADER}}),
+            Variant::ChurnGuardFallback => json!({
+                "endpointOverride": {"header": OVERRIDE_HEADER},
+                "fallback": {"header": FALLBACK_HEADER, "value": "true"}
+            }),
+        };
+        if let Some(t) = per_try_timeout {
+            c["retry"] = json!({"perTryTimeoutMs": t.as_millis() as u64});
+        }
+        Some(c.to_string())
+    }
+
+    pub fn needs_service(self) -> bool {
+        self == Variant::ChurnGuardFallback
+    }
+
+    pub fn spec(self, per_try_timeout: Option<std::time::Duration>) -> GatewaySpec {
+        let mut spec = GatewaySpec { expose_response_flags: true, ..GatewaySpec::default() };
+        match self {
+            Variant::Plain | Variant::ChurnGuard => {}
+            Variant::Builtin => {
+                spec.route_retry_policy = Some(retry(
+                    2,
+                    "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes",
+                    &[503],
+                ));
+                spec.outlier_detection = Some(json!({
+                    "baseEjectionTime": "30s",
+                    "consecutive5xx": 5,
+                    "consecutiveGatewayFailure": 0,
+                    "consecutiveLocalOriginFailure": 5,
+                    "enforcingConsecutiveGatewayFailure": 100,
+                    "interval": "3s",
+                    "maxEjectionPercent": 10
+                }));
+            }
+            Variant::BuiltinTuned => {
+                let mut policy =
+                    retry(10, "connect-failure,refused-stream,reset,retriable-status-codes", &[502, 503, 504]);
+                if let Some(t) = per_try_timeout {
+                    policy["perTryTimeout"] = json!(format!("{:.3}s", t.as_secs_f64()));
+                }
+                spec.route_retry_policy = Some(policy);
+                spec.outlier_detection = Some(json!({
+                    "splitExternalLocalOriginErrors": true,
+                    "consecutiveLocalOriginFailure": 1,
+                    "enforcingConsecutiveLocalOriginFailure": 100,
+                    "consecutiveGatewayFailure": 1,
+                    "enforcingConsecutiveGatewayFailure": 100,
+                    "consecutive5xx": 3,
+                    "interval": "1s",
+                    "baseEjectionTime": "30s",
+                    "maxEjectionPercent": 100
+                }));
+                spec.common_lb_config = Some(json!({"healthyPanicThreshold": {"value": 0}}));
+            }
+            Variant::ChurnGuardOverride => spec.endpoint_override_header = Some(OVERRIDE_HEADER.into()),
+            Variant::ChurnGuardFallback => {
+                spec.endpoint_override_header = Some(OVERRIDE_HEADER.into());
+                spec.fallback = Some(FallbackRoute { header: FALLBACK_HEADER.into(), value: "true".into() });
+            }
+        }
+        spec
+    }
+}
+
+/// A route retry policy as Envoy Gateway writes it, with `previous_hosts`.
+fn retry(num_retries: u32, retry_on: &str, codes: &[u16]) -> Value {
+    json!({
+        "numRetries": num_retries,
+        "retryOn": retry_on,
+        "retriableStatusCodes": codes,
+        "hostSelectionRetryMaxAttempts": "5",
+        "retryHostPredicate": [{
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typedConfig": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}
+        }]
+    })
+}
