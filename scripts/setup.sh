@@ -11,6 +11,7 @@ log() { printf '==> %s\n' "$*"; }
 declare -A debs=(
   [node]=nodejs
   [iptables]=iptables
+  [wasm-opt]=binaryen
 )
 missing=()
 for cmd in "${!debs[@]}"; do

@@ -48,6 +48,9 @@ enum Command {
         lag: Option<u64>,
         #[arg(long)]
         rate: Option<u32>,
+        /// Closed loop with this many clients instead of a fixed rate.
+        #[arg(long)]
+        concurrency: Option<usize>,
         #[arg(long, value_enum)]
         termination: Option<TerminationArg>,
         #[arg(long, default_value = "target/churn-lab")]
@@ -93,6 +96,7 @@ fn s1() -> Scenario {
         settle: Duration::from_secs(5),
         steady_for: Duration::ZERO,
         per_try_timeout: None,
+        connect_timeout: None,
     }
 }
 
@@ -107,6 +111,8 @@ fn s2() -> Scenario {
     // Requests already sent on a connection to a vanished pod hang; only a per-try timeout
     // lets any retry policy move them elsewhere before the route times out.
     s.per_try_timeout = Some(Duration::from_secs(2));
+    // A user facing vanishing pods also shortens the connect timeout, for every configuration.
+    s.connect_timeout = Some(Duration::from_secs(2));
     s
 }
 
@@ -124,6 +130,7 @@ fn s3(load: Load, name: &str) -> Scenario {
         settle: Duration::ZERO,
         steady_for: Duration::from_secs(20),
         per_try_timeout: None,
+        connect_timeout: None,
     }
 }
 
@@ -241,7 +248,7 @@ async fn bench(out: &Path, scenarios: &[ScenarioName]) -> anyhow::Result<()> {
                 ));
             }
             ScenarioName::S3 => {
-                let variants = [Variant::Plain, Variant::ChurnGuard, Variant::ChurnGuardOverride];
+                let variants = [Variant::Plain, Variant::WasmNoop, Variant::ChurnGuard, Variant::ChurnGuardOverride];
                 let fixed = s3(Load::Open { rate: 500 }, "S3-fixed-rate");
                 sections.push((
                     "S3a steady state at 500 requests/s (latency)".to_string(),
@@ -271,7 +278,7 @@ async fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Demo { pods, lag, rate, out } => demo(pods, lag, rate, &out).await,
             Command::Bench { out, scenarios } => bench(&out, &scenarios).await,
-            Command::Run { scenario, variants, pods, lag, rate, termination, out } => {
+            Command::Run { scenario, variants, pods, lag, rate, concurrency, termination, out } => {
                 let mut s = match scenario {
                     ScenarioName::S1 => s1(),
                     ScenarioName::S2 => s2(),
@@ -288,6 +295,9 @@ async fn main() -> anyhow::Result<()> {
                 }
                 if let Some(r) = rate {
                     s.load = Load::Open { rate: r };
+                }
+                if let Some(c) = concurrency {
+                    s.load = Load::Closed { concurrency: c };
                 }
                 if let Some(t) = termination {
                     let t = match t {

@@ -22,6 +22,7 @@ pub struct Summary {
     pub worst_second_rps: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    pub envoy_cpu_us: Option<f64>,
     pub failures: BTreeMap<String, u64>,
 }
 
@@ -66,13 +67,14 @@ pub fn summarize(result: &RunResult) -> Summary {
         worst_second_rps,
         p50_ms: h.value_at_quantile(0.5) as f64 / 1000.0,
         p99_ms: h.value_at_quantile(0.99) as f64 / 1000.0,
+        envoy_cpu_us: result.envoy_cpu_us_per_request,
         failures,
     }
 }
 
 pub fn table(summaries: &[Summary]) -> String {
     let mut out = String::from(
-        "| scenario | configuration | requests | failed | success | steady ok/s | ok/s during rollout | worst second ok/s | p50 ms | p99 ms | main failures |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        "| scenario | configuration | requests | failed | success | steady ok/s | ok/s during rollout | worst second ok/s | p50 ms | p99 ms | Envoy CPU µs/request | main failures |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for s in summaries {
         let mut kinds: Vec<(&String, &u64)> = s.failures.iter().collect();
@@ -80,7 +82,7 @@ pub fn table(summaries: &[Summary]) -> String {
         let kinds: Vec<String> = kinds.iter().take(3).map(|(k, v)| format!("{k}: {v}")).collect();
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.3}% | {:.0} | {} | {} | {:.2} | {:.2} | {} |",
+            "| {} | {} | {} | {} | {:.3}% | {:.0} | {} | {} | {:.2} | {:.2} | {} | {} |",
             s.scenario,
             s.variant,
             s.sent,
@@ -91,6 +93,7 @@ pub fn table(summaries: &[Summary]) -> String {
             s.worst_second_rps,
             s.p50_ms,
             s.p99_ms,
+            s.envoy_cpu_us.map_or("-".into(), |c| format!("{c:.1}")),
             if kinds.is_empty() { "-".into() } else { kinds.join(", ") },
         );
     }

@@ -37,6 +37,8 @@ pub struct Scenario {
     pub steady_for: Duration,
     /// Per-try timeout for the configurations that retry on other endpoints (see `Variant`).
     pub per_try_timeout: Option<Duration>,
+    /// Cluster connect timeout for every configuration (None: Envoy Gateway's 10 s).
+    pub connect_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -46,6 +48,20 @@ pub struct RunResult {
     pub seconds: Vec<Second>,
     /// Seconds since the start: rollout start, rollout end, and when Envoy's view caught up.
     pub rollout: Option<(f64, f64, f64)>,
+    /// Envoy's CPU time (user + system, all threads) per request sent after warm-up: what the
+    /// proxy spends, apart from the load generator and upstreams sharing the machine.
+    pub envoy_cpu_us_per_request: Option<f64>,
+}
+
+/// CPU time a process has used so far, in microseconds.
+fn cpu_us(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks * 1e6 / hz.max(1.0))
 }
 
 pub type Progress<'a> = &'a (dyn Fn(&str) + Sync);
@@ -57,7 +73,12 @@ pub async fn run(scenario: &Scenario, variant: Variant, progress: Progress<'_>) 
     let ready = deployment.ready_addrs(Instant::now());
     let fallback: Vec<_> = service.iter().map(|s| s.addr).collect();
     let filter_config = variant.filter_config(scenario.per_try_timeout);
-    let lab = Lab::start(variant.spec(scenario.per_try_timeout), filter_config.as_deref(), &ready, &fallback).await?;
+    let mut spec = variant.spec(scenario.per_try_timeout);
+    spec.connect_timeout = scenario.connect_timeout;
+    let lab = match variant.module() {
+        Some(module) => Lab::start_with_module(spec, &std::fs::read(&module)?, "{}", &ready, &fallback).await?,
+        None => Lab::start(spec, filter_config.as_deref(), &ready, &fallback).await?,
+    };
     let _control_plane =
         ControlPlane::start(lab.xds.dir.clone(), PRIMARY, deployment.endpoints.clone(), scenario.lag, scenario.batch);
 
@@ -92,6 +113,9 @@ pub async fn run(scenario: &Scenario, variant: Variant, progress: Progress<'_>) 
     let reporter = tokio::spawn(reporter);
 
     tokio::time::sleep(scenario.warmup).await;
+    let envoy_pid = lab.envoy.pid();
+    let cpu_at_warmup = cpu_us(envoy_pid);
+    let sent_at_warmup: u64 = recorder.snapshot().iter().map(|s| s.sent).sum();
     let rollout = match &scenario.rollout {
         Some(spec) => {
             let began = start.elapsed().as_secs_f64();
@@ -110,6 +134,9 @@ pub async fn run(scenario: &Scenario, variant: Variant, progress: Progress<'_>) 
     };
     stop.store(true, Ordering::Relaxed);
     let _ = load.await;
+    let sent: u64 = recorder.snapshot().iter().map(|s| s.sent).sum::<u64>() - sent_at_warmup;
+    let envoy_cpu_us_per_request =
+        cpu_at_warmup.zip(cpu_us(envoy_pid)).map(|(before, after)| (after - before) / sent.max(1) as f64);
     reporter.abort();
     let mut seconds = recorder.snapshot();
     // Sending stopped within the last second: it is partial.
@@ -119,7 +146,13 @@ pub async fn run(scenario: &Scenario, variant: Variant, progress: Progress<'_>) 
     drop(lab);
     drop(service);
     drop(deployment);
-    Ok(RunResult { scenario: scenario.name.clone(), variant: variant.name(), seconds, rollout })
+    Ok(RunResult {
+        scenario: scenario.name.clone(),
+        variant: variant.name(),
+        seconds,
+        rollout,
+        envoy_cpu_us_per_request,
+    })
 }
 
 fn progress_line(label: String) -> impl Fn(usize, &Second) + Send + Sync {

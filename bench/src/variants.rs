@@ -21,6 +21,8 @@ pub enum Variant {
     ChurnGuardOverride,
     /// churn-guard steering, falling back to the Service path when the endpoint set looks stale.
     ChurnGuardFallback,
+    /// A proxy-wasm filter that does nothing, loaded the same way: what any Wasm filter costs.
+    WasmNoop,
 }
 
 impl Variant {
@@ -41,6 +43,7 @@ impl Variant {
             Variant::ChurnGuard => "churn-guard",
             Variant::ChurnGuardOverride => "churn-guard+override",
             Variant::ChurnGuardFallback => "churn-guard+fallback",
+            Variant::WasmNoop => "wasm-noop",
         }
     }
 
@@ -49,7 +52,7 @@ impl Variant {
     pub fn filter_config(self, per_try_timeout: Option<std::time::Duration>) -> Option<String> {
         let mut c = match self {
             Variant::Plain | Variant::Builtin | Variant::BuiltinTuned => return None,
-            Variant::ChurnGuard => json!({}),
+            Variant::ChurnGuard | Variant::WasmNoop => json!({}),
             Variant::ChurnGuardOverride => json!({"endpointOverride": {"header": OVERRIDE_HEADER}}),
             Variant::ChurnGuardFallback => json!({
                 "endpointOverride": {"header": OVERRIDE_HEADER},
@@ -62,6 +65,12 @@ impl Variant {
         Some(c.to_string())
     }
 
+    /// The module to load instead of churn-guard's.
+    pub fn module(self) -> Option<std::path::PathBuf> {
+        (self == Variant::WasmNoop)
+            .then(|| harness::envoy::workspace_root().join("target/wasm32-wasip1/release/wasm_noop.wasm"))
+    }
+
     pub fn needs_service(self) -> bool {
         self == Variant::ChurnGuardFallback
     }
@@ -69,7 +78,7 @@ impl Variant {
     pub fn spec(self, per_try_timeout: Option<std::time::Duration>) -> GatewaySpec {
         let mut spec = GatewaySpec { expose_response_flags: true, ..GatewaySpec::default() };
         match self {
-            Variant::Plain | Variant::ChurnGuard => {}
+            Variant::Plain | Variant::ChurnGuard | Variant::WasmNoop => {}
             Variant::Builtin => {
                 spec.route_retry_policy = Some(retry(
                     2,

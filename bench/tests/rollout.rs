@@ -26,6 +26,7 @@ fn short_s1() -> Scenario {
         settle: Duration::from_secs(1),
         steady_for: Duration::ZERO,
         per_try_timeout: None,
+        connect_timeout: None,
     }
 }
 

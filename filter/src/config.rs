@@ -126,11 +126,22 @@ pub struct EndpointOverrideConfig {
     /// How long a cluster stays in steered mode after a request needed a retry that could not be
     /// attributed to an endpoint.
     pub suspect_ms: u64,
+    /// Endpoints back from an ejection are probed with `GET probePath`, pinned to the endpoint
+    /// through the override header, before real requests rely on them again. Any status below
+    /// 500 counts as an answer; a failed probe ejects the endpoint again, for twice as long.
+    pub probe_path: String,
+    pub probe_timeout_ms: u64,
 }
 
 impl Default for EndpointOverrideConfig {
     fn default() -> Self {
-        Self { header: "x-gateway-destination-endpoint".into(), explore_ratio: 0.05, suspect_ms: 10_000 }
+        Self {
+            header: "x-gateway-destination-endpoint".into(),
+            explore_ratio: 0.05,
+            suspect_ms: 10_000,
+            probe_path: "/".into(),
+            probe_timeout_ms: 2_000,
+        }
     }
 }
 

@@ -50,8 +50,12 @@ pub fn fallback_active(config: &Config, table: &ClusterTable, now_ms: u64) -> bo
     if table.no_upstream_until_ms > now_ms {
         return true;
     }
-    let (ejected, known) = table.counts(now_ms, config.ejection.endpoint_ttl_ms);
-    known > 0 && ejected as f64 >= fallback.ejected_share * known as f64
+    let ttl = config.ejection.endpoint_ttl_ms;
+    let (ejected, known) = table.counts(now_ms, ttl);
+    // With steering, endpoints back from an ejection must answer a probe before they count as
+    // healthy; without it nothing probes them, so their ejection running out has to do.
+    let unhealthy = if config.endpoint_override.is_some() { table.unhealthy_count(now_ms, ttl) } else { ejected };
+    known > 0 && unhealthy as f64 >= fallback.ejected_share * known as f64
 }
 
 /// Decides for one request. `retries_available` is what the budget allows right now.
@@ -90,10 +94,15 @@ pub fn decide(
     }
 
     if let Some(o) = &config.endpoint_override {
-        let troubled = table.ejected_count(now_ms) > 0 || table.suspect_until_ms > now_ms;
+        let ttl = config.ejection.endpoint_ttl_ms;
+        let (proven, unproven) = table.healthy_addresses(now_ms, ttl);
+        let troubled = table.ejected_count(now_ms) > 0 || table.suspect_until_ms > now_ms || !unproven.is_empty();
         if !decision.fallback && !facts.has_override_header && troubled && !rng.chance(o.explore_ratio) {
             let attempts = decision.retry.as_ref().map_or(1, |p| p.max_retries as usize + 1);
-            decision.steer = sample(table.healthy_addresses(now_ms, config.ejection.endpoint_ttl_ms), attempts, rng);
+            // Endpoints proven alive first; those back from an ejection only after them.
+            let mut steer = sample(proven, attempts, rng);
+            steer.extend(sample(unproven, attempts - steer.len(), rng));
+            decision.steer = steer;
         }
     }
     decision
@@ -209,6 +218,32 @@ mod tests {
         let t = table(&["a:1", "b:1", "c:1", "d:1"], &["d:1"]);
         let d = decide(&steering(), &GET, &t, 1, 1, &mut Rng::new(3));
         assert_eq!(d.steer.len(), 2, "one try and one retry");
+    }
+
+    #[test]
+    fn endpoints_back_from_ejection_come_last() {
+        let policy = Policy::from_config(&Config::default());
+        let mut t = table(&["a:1", "b:1", "c:1"], &["c:1"]);
+        // c's ejection has run out, but it has not answered since.
+        let later = 60_000;
+        t.apply(&Observation::Success("a:1"), later, &policy, 0);
+        t.apply(&Observation::Success("b:1"), later, &policy, 0);
+        for seed in 0..50 {
+            let d = decide(&steering(), &GET, &t, later, 10, &mut Rng::new(seed));
+            assert_eq!(d.steer.last().map(String::as_str), Some("c:1"), "{:?}", d.steer);
+        }
+    }
+
+    #[test]
+    fn unproven_endpoints_keep_the_fallback_on_with_steering() {
+        let policy = Policy::from_config(&Config::default());
+        let with_steering = Config::parse(br#"{"endpointOverride":{},"fallback":{}}"#).unwrap_or_default();
+        let without = Config::parse(br#"{"fallback":{}}"#).unwrap_or_default();
+        let mut t = table(&["a:1", "b:1"], &["a:1", "b:1"]);
+        let later = 60_000; // both ejections have run out
+        t.apply(&Observation::Success("c:1"), later, &policy, 0);
+        assert!(fallback_active(&with_steering, &t, later), "two of three have not answered since failing");
+        assert!(!fallback_active(&without, &t, later), "without probes, expiry ends the fallback");
     }
 
     #[test]

@@ -33,6 +33,8 @@ const MAX_CACHED_CLUSTERS: usize = 1024;
 const VM_SEQUENCE_KEY: &str = "churn-guard.v1.vm-sequence";
 const RETRY_HEADERS: [&str; 3] = ["x-envoy-retry-on", "x-envoy-retry-grpc-on", "x-envoy-max-retries"];
 const DEBUG_HEADER: &str = "x-churn-guard";
+/// Probes sent per cluster and tick (one second), per worker.
+const PROBES_PER_TICK: usize = 8;
 
 mod host {
     use super::*;
@@ -168,18 +170,23 @@ struct CachedTable {
 /// Per-VM state shared by the root context and its HTTP contexts; replaced on reconfiguration.
 struct Plugin {
     config: Config,
+    /// Debug logging on? Asked of the host once per tick, not per request.
+    debug: std::cell::Cell<bool>,
     policy: Policy,
     metrics: Metrics,
     vm_id: u32,
     budget: RefCell<RetryBudget>,
     rng: RefCell<Rng>,
     tables: RefCell<HashMap<String, CachedTable>>,
+    /// Probes in flight: call token → (cluster, endpoint).
+    probes: RefCell<HashMap<u32, (String, String)>>,
 }
 
 impl Plugin {
     fn new(config: Config, vm_id: u32) -> Self {
         let seed = host::now_ms() ^ (u64::from(vm_id) << 48);
         Self {
+            debug: std::cell::Cell::new(host::debug_enabled()),
             policy: Policy::from_config(&config),
             budget: RefCell::new(RetryBudget::new(&config.retry.budget)),
             config,
@@ -187,6 +194,7 @@ impl Plugin {
             vm_id,
             rng: RefCell::new(Rng::new(seed)),
             tables: RefCell::new(HashMap::new()),
+            probes: RefCell::new(HashMap::new()),
         }
     }
 
@@ -229,7 +237,7 @@ impl Plugin {
         match result {
             Ok((table, applied)) => {
                 inc(self.metrics.ejections, applied.ejected.len() as u64);
-                if host::debug_enabled() {
+                if self.debug.get() {
                     for (address, ms) in &applied.ejected {
                         host::log(
                             LogLevel::Debug,
@@ -244,6 +252,58 @@ impl Plugin {
                 &format!("churn-guard: could not record observation for cluster {cluster}: {e:?}"),
             ),
         }
+    }
+
+    /// Probes endpoints back from an ejection, each pinned to its endpoint with the override
+    /// header, so they return to rotation (and end a fallback) only once they answer.
+    fn probe(&self, now_ms: u64) {
+        let Some(o) = &self.config.endpoint_override else { return };
+        let ttl = self.config.ejection.endpoint_ttl_ms;
+        let clusters: Vec<String> = self.tables.borrow().keys().cloned().collect();
+        for cluster in clusters {
+            let targets: Vec<String> = self.with_table(&cluster, now_ms, |t| {
+                t.unproven_addresses(now_ms, ttl).into_iter().take(PROBES_PER_TICK).map(str::to_string).collect()
+            });
+            for target in targets {
+                if self.probes.borrow().values().any(|(c, a)| *c == cluster && *a == target) {
+                    continue;
+                }
+                let headers = vec![
+                    (":method", "GET"),
+                    (":path", o.probe_path.as_str()),
+                    (":authority", "churn-guard-probe"),
+                    (o.header.as_str(), target.as_str()),
+                ];
+                let timeout = Duration::from_millis(o.probe_timeout_ms);
+                match hostcalls::dispatch_http_call(&cluster, headers, None, vec![], timeout) {
+                    Ok(token) => {
+                        self.probes.borrow_mut().insert(token, (cluster.clone(), target));
+                    }
+                    Err(status) => host::log(
+                        LogLevel::Warn,
+                        &format!("churn-guard: cannot probe {target} of cluster {cluster}: {status:?}"),
+                    ),
+                }
+            }
+        }
+    }
+
+    fn probe_answered(&self, token: u32) {
+        let Some((cluster, address)) = self.probes.borrow_mut().remove(&token) else { return };
+        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| s.parse::<u32>().ok());
+        let observation = match status {
+            Some(code) if code < 500 => Observation::Success(&address),
+            Some(_) => Observation::Failure(&address, FailureKind::GatewayError),
+            // No response at all: the connection failed or the probe timed out.
+            None => Observation::Failure(&address, FailureKind::ConnectFailure),
+        };
+        if self.debug.get() {
+            host::log(LogLevel::Debug, &format!("churn-guard: probe of {address} ({cluster}): {status:?}"));
+        }
+        self.observe(&cluster, &[observation], host::now_ms());
     }
 
     fn refresh_gauges(&self, now_ms: u64) {
@@ -286,7 +346,13 @@ impl Root {
     }
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_http_call_response(&mut self, token_id: u32, _num_headers: usize, _body_size: usize, _num_trailers: usize) {
+        if let Some(plugin) = &self.plugin {
+            plugin.probe_answered(token_id);
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
@@ -316,13 +382,16 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         if let Some(plugin) = &self.plugin {
-            plugin.refresh_gauges(host::now_ms());
+            plugin.debug.set(host::debug_enabled());
+            let now = host::now_ms();
+            plugin.refresh_gauges(now);
+            plugin.probe(now);
         }
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let plugin = self.plugin.clone()?;
-        Some(Box::new(Request { plugin, cluster: None, steered: Vec::new() }))
+        Some(Box::new(Request { plugin, cluster: None, steered: Vec::new(), fell_back: false }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -335,6 +404,8 @@ struct Request {
     /// Cluster the request was first routed to, and the endpoints it was steered to there.
     cluster: Option<String>,
     steered: Vec<String>,
+    /// The fallback header was set: the request left `cluster` for the fallback route.
+    fell_back: bool,
 }
 
 impl Context for Request {}
@@ -386,9 +457,10 @@ impl HttpContext for Request {
         if let (true, Some(f)) = (decision.fallback, &p.config.fallback) {
             if host::set_header(request, &f.header, &f.value) {
                 inc(p.metrics.fallbacks, 1);
+                self.fell_back = true;
             }
         }
-        if host::debug_enabled() {
+        if p.debug.get() {
             host::log(
                 LogLevel::Debug,
                 &format!(
@@ -410,14 +482,13 @@ impl HttpContext for Request {
         }
         // Report on the cluster the route chose first: after a fallback, that is the stale one.
         let Some(routed) = self.cluster.clone().or_else(host::cluster_name) else { return Action::Continue };
-        let served = host::cluster_name().unwrap_or_default();
         let now = host::now_ms();
         let ejected = p.with_table(&routed, now, |t| t.ejected_addresses(now).collect::<Vec<_>>().join(","));
         let value = format!(
             "vm={}; cluster={routed}; ejected={ejected}; steered={}; fallback={}",
             p.vm_id,
             self.steered.join(","),
-            served != routed,
+            self.fell_back,
         );
         host::set_header(MapType::HttpResponseHeaders, DEBUG_HEADER, &value);
         Action::Continue
@@ -425,19 +496,32 @@ impl HttpContext for Request {
 
     fn on_log(&mut self) {
         let p = Rc::clone(&self.plugin);
-        let Some(cluster) = host::cluster_name() else { return };
-        let now = host::now_ms();
-        let address = host::property_string(&["upstream", "address"]).filter(|a| properties::is_ip_endpoint(a));
+        // The route only changes cluster when the fallback header re-routed it.
+        let cluster = match (&self.cluster, self.fell_back) {
+            (Some(c), false) => c.clone(),
+            _ => match host::cluster_name() {
+                Some(c) => c,
+                None => return,
+            },
+        };
         let status = host::property_int(&["response", "code"]).unwrap_or(0);
-        let flags = ResponseFlags(host::property_int(&["response", "flags"]).unwrap_or(0));
+        // An answer below 500 means the endpoint is alive whatever the flags say; only failures
+        // need the flags to be told apart.
+        let flags = if (1..500).contains(&status) {
+            ResponseFlags(0)
+        } else {
+            ResponseFlags(host::property_int(&["response", "flags"]).unwrap_or(0))
+        };
+        let address = host::property_string(&["upstream", "address"]).filter(|a| properties::is_ip_endpoint(a));
         let attempts = host::property_int(&["upstream", "request_attempt_count"]).unwrap_or(1);
         let retries = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX);
+        let now = host::now_ms();
         p.budget.borrow_mut().withdraw(now, retries);
         inc(p.metrics.retries_performed, u64::from(retries));
 
         let outcome = classify(u32::try_from(status).unwrap_or(0), flags, address.is_some());
         let mut observations = Vec::with_capacity(self.steered.len() + 2);
-        let steered_here = !self.steered.is_empty() && self.cluster.as_deref() == Some(cluster.as_str());
+        let steered_here = !self.steered.is_empty() && !self.fell_back;
         if let (true, Some(addr)) = (steered_here, &address) {
             for failed in failed_steered(&self.steered, addr) {
                 observations.push(Observation::Failure(failed, FailureKind::ConnectFailure));

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 /// steady state does not write shared data on every request.
 pub const LAST_SEEN_RESOLUTION_MS: u64 = 1_000;
 
-const FORMAT_VERSION: u8 = 1;
+const FORMAT_VERSION: u8 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointState {
@@ -28,6 +28,9 @@ pub struct EndpointState {
     /// When `level` last decayed; healthy time after this lowers it again.
     pub decay_from_ms: u64,
     pub last_seen_ms: u64,
+    /// The last thing seen of this endpoint was an answer. An endpoint whose ejection ran out is
+    /// not proven: it failed last time, and nothing has answered from it since.
+    pub proven: bool,
 }
 
 impl EndpointState {
@@ -41,6 +44,7 @@ impl EndpointState {
             ejected_until_ms: 0,
             decay_from_ms: now_ms,
             last_seen_ms: now_ms,
+            proven: false,
         }
     }
 
@@ -147,12 +151,32 @@ impl ClusterTable {
         self.live(now_ms, ttl_ms).fold((0, 0), |(ej, all), e| (ej + usize::from(e.is_ejected(now_ms)), all + 1))
     }
 
+    /// Known endpoints that are ejected or have not answered since they last failed.
+    pub fn unhealthy_count(&self, now_ms: u64, ttl_ms: u64) -> usize {
+        self.live(now_ms, ttl_ms).filter(|e| e.is_ejected(now_ms) || !e.proven).count()
+    }
+
+    /// Endpoints back from an ejection that nothing has proven alive yet: candidates for probes.
+    pub fn unproven_addresses(&self, now_ms: u64, ttl_ms: u64) -> Vec<&str> {
+        self.live(now_ms, ttl_ms).filter(|e| !e.is_ejected(now_ms) && !e.proven).map(|e| e.address.as_str()).collect()
+    }
+
     pub fn ejected_addresses(&self, now_ms: u64) -> impl Iterator<Item = &str> {
         self.endpoints.iter().filter(move |e| e.is_ejected(now_ms)).map(|e| e.address.as_str())
     }
 
-    pub fn healthy_addresses(&self, now_ms: u64, ttl_ms: u64) -> Vec<&str> {
-        self.live(now_ms, ttl_ms).filter(|e| !e.is_ejected(now_ms)).map(|e| e.address.as_str()).collect()
+    /// Endpoints not ejected: (proven alive, back from an ejection but unproven).
+    pub fn healthy_addresses(&self, now_ms: u64, ttl_ms: u64) -> (Vec<&str>, Vec<&str>) {
+        let mut proven = vec![];
+        let mut unproven = vec![];
+        for e in self.live(now_ms, ttl_ms).filter(|e| !e.is_ejected(now_ms)) {
+            if e.proven {
+                proven.push(e.address.as_str());
+            } else {
+                unproven.push(e.address.as_str());
+            }
+        }
+        (proven, unproven)
     }
 
     /// Whether applying `obs` would change the table. Lets the hot path skip the shared-data
@@ -163,6 +187,7 @@ impl ClusterTable {
                 None => true,
                 Some(e) => {
                     e.has_failures()
+                        || !e.proven
                         || e.level > 0
                         || now_ms.saturating_sub(e.last_seen_ms) >= LAST_SEEN_RESOLUTION_MS
                         || self.consecutive_no_upstream > 0
@@ -184,10 +209,11 @@ impl ClusterTable {
                 }
                 let base = policy.ejection.base_ejection_ms;
                 let Some(e) = self.entry(addr, now_ms, policy, &mut applied) else { return applied };
-                if e.has_failures() {
+                if e.has_failures() || !e.proven {
                     e.consecutive_local_origin = 0;
                     e.consecutive_gateway = 0;
                     e.consecutive_5xx = 0;
+                    e.proven = true;
                     applied.changed = true;
                 }
                 if e.level > 0 && !e.is_ejected(now_ms) {
@@ -207,6 +233,7 @@ impl ClusterTable {
                 let Some(e) = self.entry(addr, now_ms, policy, &mut applied) else { return applied };
                 applied.changed = true;
                 e.last_seen_ms = now_ms;
+                e.proven = false;
                 // Requests in flight when the endpoint was ejected still report; they do not
                 // extend the ejection.
                 if !e.is_ejected(now_ms) {
@@ -417,8 +444,24 @@ mod tests {
         }
         fail(&mut t, B, 100);
         assert_eq!(t.counts(200, 600_000), (1, 3));
-        assert_eq!(t.healthy_addresses(200, 600_000), vec![A, C]);
+        assert_eq!(t.healthy_addresses(200, 600_000), (vec![A, C], vec![]));
         assert_eq!(t.ejected_addresses(200).collect::<Vec<_>>(), vec![B]);
+    }
+
+    #[test]
+    fn back_from_ejection_is_unproven_until_it_answers() {
+        let mut t = ClusterTable::default();
+        ok(&mut t, A, 0);
+        ok(&mut t, B, 0);
+        fail(&mut t, B, 100);
+        assert_eq!(t.unhealthy_count(200, 600_000), 1);
+        // The ejection ran out: B is back in rotation, last, and still counts as unhealthy.
+        assert_eq!(t.healthy_addresses(20_000, 600_000), (vec![A], vec![B]));
+        assert_eq!(t.unhealthy_count(20_000, 600_000), 1);
+        assert_eq!(t.unproven_addresses(20_000, 600_000), vec![B]);
+        ok(&mut t, B, 20_001);
+        assert_eq!(t.unhealthy_count(20_002, 600_000), 0);
+        assert!(t.unproven_addresses(20_002, 600_000).is_empty());
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub struct GatewaySpec {
     /// Add `x-envoy-response-flags: %RESPONSE_FLAGS%` to responses, so load tools can tell
     /// failures apart (benchmarks only; the same for every configuration compared).
     pub expose_response_flags: bool,
+    /// Cluster connect timeout (BackendTrafficPolicy `timeout.tcp.connectTimeout`); Envoy
+    /// Gateway's default is 10 s.
+    pub connect_timeout: Option<std::time::Duration>,
 }
 
 fn lb_least_request() -> Value {
@@ -94,7 +97,7 @@ fn eds_cluster(dir: &Path, name: &str, lb: Value, spec: &GatewaySpec, primary: b
         "edsClusterConfig": {"edsConfig": path_source(dir, &eds_file(name)), "serviceName": name},
         "circuitBreakers": {"thresholds": [{"maxRetries": 1024}]},
         "commonLbConfig": {},
-        "connectTimeout": "10s",
+        "connectTimeout": spec.connect_timeout.map_or("10s".to_string(), |t| format!("{:.3}s", t.as_secs_f64())),
         "dnsLookupFamily": "V4_PREFERRED",
         "ignoreHealthOnHostRemoval": true,
         "loadBalancingPolicy": {"policies": [lb]},

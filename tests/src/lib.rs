@@ -52,15 +52,38 @@ pub struct Lab {
 impl Lab {
     /// Starts Envoy for `spec`; `filter_config` loads churn-guard with that plugin configuration.
     pub async fn start(
-        mut spec: GatewaySpec,
+        spec: GatewaySpec,
         filter_config: Option<&str>,
+        primary: &[SocketAddr],
+        fallback: &[SocketAddr],
+    ) -> anyhow::Result<Self> {
+        match filter_config {
+            Some(config) => Self::start_inner(spec, Some((wasm_module()?, config)), primary, fallback).await,
+            None => Self::start_inner(spec, None, primary, fallback).await,
+        }
+    }
+
+    /// Starts Envoy for `spec` with another Wasm module in churn-guard's place.
+    pub async fn start_with_module(
+        spec: GatewaySpec,
+        module: &[u8],
+        config: &str,
+        primary: &[SocketAddr],
+        fallback: &[SocketAddr],
+    ) -> anyhow::Result<Self> {
+        Self::start_inner(spec, Some((module.to_vec(), config)), primary, fallback).await
+    }
+
+    async fn start_inner(
+        mut spec: GatewaySpec,
+        filter: Option<(Vec<u8>, &str)>,
         primary: &[SocketAddr],
         fallback: &[SocketAddr],
     ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("churn-guard-lab").tempdir()?;
         let mut wasm_server = None;
-        if let Some(config) = filter_config {
-            let (source, server) = serve_wasm(wasm_module()?).await?;
+        if let Some((module, config)) = filter {
+            let (source, server) = serve_wasm(module).await?;
             spec.filter = Some(FilterSpec { source, config: config.to_string() });
             wasm_server = Some(server);
         }
