@@ -3,7 +3,7 @@ CARGO ?= cargo
 WASM := target/wasm32-wasip1/release/churn_guard.wasm
 export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER := wasm-bindgen-test-runner
 
-.PHONY: all setup build lint test test-unit test-wasm32 test-e2e demo bench fuzz clean
+.PHONY: all setup build lint test test-native test-wasm32 demo bench clean
 
 all: build
 
@@ -25,16 +25,13 @@ lint: setup
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p churn-guard --target wasm32-wasip1 --release -- -D warnings
 
-test-unit:
-	$(CARGO) test --workspace --lib --bins
-
 test-wasm32:
 	$(CARGO) test -p churn-guard --target wasm32-unknown-unknown
 
-test-e2e: build
-	$(CARGO) test --workspace --tests -- --test-threads 2
+test-native: build
+	$(CARGO) test --workspace -- --test-threads 2
 
-test: build lint test-unit test-wasm32 test-e2e
+test: build lint test-native test-wasm32
 
 demo: build
 	$(CARGO) run -q --release -p churn-lab -- demo

@@ -180,14 +180,18 @@ fn write_results(out: &Path, command: &str, sections: &[(String, Vec<RunResult>)
         machine()
     );
     let mut all = vec![];
+    let mut all_summaries = vec![];
     for (title, results) in sections {
         let summaries: Vec<Summary> = results.iter().map(report::summarize).collect();
+        all_summaries.extend(summaries.iter().cloned());
         let chart = format!("{}.svg", title.split_whitespace().next().unwrap_or("chart").to_lowercase());
         std::fs::write(out.join(&chart), report::svg(title, results))?;
         md.push_str(&format!("## {title}\n\n![{title}]({chart})\n\n{}\n", report::table(&summaries)));
         all.extend(results.iter().cloned());
     }
     md.push_str(notes);
+    md.push('\n');
+    md.push_str(&report::targets(&all_summaries));
     std::fs::write(out.join("results.md"), md)?;
     std::fs::write(out.join("results.csv"), report::csv(&all))?;
     say(&format!("results in {}", out.display()));
