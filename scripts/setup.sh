@@ -12,6 +12,9 @@ declare -A debs=(
   [node]=nodejs
   [iptables]=iptables
   [wasm-opt]=binaryen
+  [docker-registry]=docker-registry
+  [skopeo]=skopeo
+  [htpasswd]=apache2-utils
 )
 missing=()
 for cmd in "${!debs[@]}"; do

@@ -1,0 +1,50 @@
+//! Re-publishes a verified module in one format every consumer accepts: the "oci" variant
+//! (a single `application/vnd.module.wasm.content.layer.v1+wasm` layer), which Envoy Gateway's
+//! and Istio's fetchers read. Its layer digest is the module's sha256, so the blob served under
+//! `/v2/.../blobs/` and the file under `/wasm/<sha256>.wasm` are the same bytes.
+
+use crate::artifact::{OCI_MANIFEST, SOLO_WASM_CONFIG, SOLO_WASM_LAYER};
+use crate::cache::{now_secs, Cache, CacheError, Entry};
+use crate::pull::Pulled;
+use serde_json::json;
+
+pub const SOURCE_ANNOTATION: &str = "org.opencontainers.image.source";
+
+/// Stores the module, a config and a manifest, and records the entry.
+pub fn publish(cache: &Cache, pulled: &Pulled, private: bool) -> Result<Entry, CacheError> {
+    let module = cache.put_blob(&pulled.module)?;
+    let config_bytes = b"{}".to_vec();
+    let config = cache.put_blob(&config_bytes)?;
+    let manifest_bytes =
+        manifest(&module, pulled.module.len() as u64, &config, config_bytes.len() as u64, &pulled.reference);
+    let manifest = cache.put_blob(&manifest_bytes)?;
+    let now = now_secs();
+    let entry = Entry {
+        reference: pulled.reference.clone(),
+        upstream_digest: pulled.upstream_digest.clone(),
+        module,
+        size: pulled.module.len() as u64,
+        format: pulled.format.name().into(),
+        manifest,
+        config,
+        pulled_at: now,
+        last_used: now,
+        private,
+        signature: None,
+        extra_blobs: vec![],
+    };
+    cache.record(entry.clone())?;
+    Ok(entry)
+}
+
+/// Deterministic bytes: the same module always gets the same manifest digest.
+pub fn manifest(module: &str, module_size: u64, config: &str, config_size: u64, source: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": SOLO_WASM_CONFIG, "digest": config, "size": config_size},
+        "layers": [{"mediaType": SOLO_WASM_LAYER, "digest": module, "size": module_size}],
+        "annotations": {SOURCE_ANNOTATION: source}
+    }))
+    .unwrap_or_default()
+}

@@ -1,0 +1,162 @@
+//! Pulling Wasm artifacts from registries with `oci-client`, verifying every digest and
+//! refusing anything that is not a well-formed, bounded Wasm module.
+
+use crate::artifact::{self, ArtifactError, Format, DOCKER_MANIFEST, OCI_MANIFEST};
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::manifest::OciDescriptor;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("invalid image reference {0:?}: {1}")]
+    Reference(String, String),
+    #[error("registry: {0}")]
+    Registry(String),
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+}
+
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    /// Registries spoken to over plain HTTP (e.g. `127.0.0.1:5000`).
+    pub insecure_registries: Vec<String>,
+    /// Extra CA certificates (PEM) to trust.
+    pub extra_ca_pem: Vec<Vec<u8>>,
+    pub max_module_bytes: u64,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        Self { insecure_registries: vec![], extra_ca_pem: vec![], max_module_bytes: 64 << 20 }
+    }
+}
+
+/// A verified module and where it came from.
+#[derive(Debug, Clone)]
+pub struct Pulled {
+    pub reference: String,
+    pub upstream_digest: String,
+    pub format: Format,
+    pub module: Vec<u8>,
+}
+
+pub struct Puller {
+    options: PullOptions,
+}
+
+pub fn parse_reference(image: &str) -> Result<Reference, PullError> {
+    image.parse::<Reference>().map_err(|e| PullError::Reference(image.to_string(), e.to_string()))
+}
+
+impl Puller {
+    pub fn new(options: PullOptions) -> Self {
+        Self { options }
+    }
+
+    /// A client for one operation. oci-client remembers the first credentials it is given for
+    /// a registry and reuses them for later calls, whatever those pass: one shared client would
+    /// lend one namespace's pull secret to another's requests.
+    fn client(&self) -> Client {
+        let options = &self.options;
+        let protocol = if options.insecure_registries.is_empty() {
+            ClientProtocol::Https
+        } else {
+            ClientProtocol::HttpsExcept(options.insecure_registries.clone())
+        };
+        let extra_root_certificates = options
+            .extra_ca_pem
+            .iter()
+            .map(|pem| oci_client::client::Certificate {
+                encoding: oci_client::client::CertificateEncoding::Pem,
+                data: pem.clone(),
+            })
+            .collect();
+        Client::new(ClientConfig { protocol, extra_root_certificates, ..ClientConfig::default() })
+    }
+
+    /// Pulls `image` (by tag or digest) and returns its verified module.
+    pub async fn pull(&self, image: &str, auth: &RegistryAuth) -> Result<Pulled, PullError> {
+        let reference = parse_reference(image)?;
+        let client = self.client();
+        let (raw, _) = client
+            .pull_manifest_raw(&reference, auth, &[OCI_MANIFEST, DOCKER_MANIFEST])
+            .await
+            .map_err(|e| PullError::Registry(e.to_string()))?;
+        // The digest is computed here, not taken from the registry's header.
+        let upstream_digest = format!("sha256:{}", artifact::sha256_hex(&raw));
+        if let Some(pinned) = reference.digest() {
+            if pinned != upstream_digest {
+                return Err(ArtifactError::DigestMismatch { expected: pinned.into(), actual: upstream_digest }.into());
+            }
+        }
+        let manifest = artifact::parse_manifest(&raw)?;
+        let wasm = artifact::wasm_layer(&manifest)?;
+        let limit = self.options.max_module_bytes;
+        if wasm.layer.size as u64 > limit {
+            return Err(ArtifactError::TooLarge { what: "layer", limit }.into());
+        }
+        let descriptor = OciDescriptor {
+            media_type: wasm.layer.media_type.clone(),
+            digest: wasm.layer.digest.clone(),
+            size: wasm.layer.size,
+            urls: None,
+            annotations: None,
+        };
+        let mut layer = LimitedBuffer { bytes: Vec::new(), limit };
+        client.pull_blob(&reference, &descriptor, &mut layer).await.map_err(|e| {
+            if layer.bytes.len() as u64 > limit {
+                PullError::Artifact(ArtifactError::TooLarge { what: "layer", limit })
+            } else {
+                PullError::Registry(e.to_string())
+            }
+        })?;
+        artifact::verify_digest(&layer.bytes, &wasm.layer.digest)?;
+        let module = artifact::extract_module(wasm.format, &layer.bytes, limit)?;
+        Ok(Pulled { reference: reference.whole(), upstream_digest, format: wasm.format, module })
+    }
+}
+
+/// Collects a blob, failing once it grows past `limit`: a registry that lies about a layer's
+/// size cannot make us buffer more than that.
+struct LimitedBuffer {
+    bytes: Vec<u8>,
+    limit: u64,
+}
+
+impl tokio::io::AsyncWrite for LimitedBuffer {
+    fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        if (self.bytes.len() + buf.len()) as u64 > self.limit {
+            let over = self.limit as usize + 1 - self.bytes.len().min(self.limit as usize + 1);
+            let take = buf.len().min(over);
+            self.bytes.extend_from_slice(buf.get(..take).unwrap_or_default());
+            return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::FileTooLarge, "layer too large")));
+        }
+        self.bytes.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Puller {
+    /// Whether `auth` may read `image` at the upstream registry: the proof a client gives
+    /// before a private artifact is served to it.
+    pub async fn can_read(&self, image: &str, auth: &RegistryAuth) -> Result<bool, String> {
+        let reference = parse_reference(image).map_err(|e| e.to_string())?;
+        match self.client().fetch_manifest_digest(&reference, auth).await {
+            Ok(_) => Ok(true),
+            Err(oci_client::errors::OciDistributionError::AuthenticationFailure(_))
+            | Err(oci_client::errors::OciDistributionError::UnauthorizedError { .. }) => Ok(false),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}

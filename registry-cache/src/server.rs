@@ -1,0 +1,335 @@
+//! Serving the cache: a read-only OCI distribution API, plain HTTP by sha256, health and
+//! metrics.
+//!
+//! Authorization: an artifact pulled anonymously is public. One pulled with credentials is
+//! private, and is served only to a client that presents credentials the upstream registry
+//! accepts for that repository right now. The cache asks the upstream once and remembers the
+//! answer for a while, so answers come from memory; a failure to ask again never turns a
+//! known answer into an error.
+
+use crate::artifact::{digest_hex, OCI_MANIFEST};
+use crate::cache::{Cache, Entry};
+use crate::pull::parse_reference;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use base64::Engine as _;
+use oci_client::secrets::RegistryAuth;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Asks the upstream registry whether `auth` may read `reference`.
+pub type AccessCheck =
+    Arc<dyn Fn(String, RegistryAuth) -> Pin<Box<dyn Future<Output = Result<bool, String>> + Send>> + Send + Sync>;
+
+#[derive(Clone, Copy)]
+struct Grant {
+    allowed: bool,
+    checked: Instant,
+}
+
+/// Remembered answers to "may these credentials read this repository?".
+pub struct Permissions {
+    ttl: Duration,
+    check: AccessCheck,
+    grants: Mutex<HashMap<(String, [u8; 32]), Grant>>,
+}
+
+impl Permissions {
+    pub fn new(ttl: Duration, check: AccessCheck) -> Self {
+        Self { ttl, check, grants: Mutex::new(HashMap::new()) }
+    }
+
+    /// Whether `auth` may read `entry`. Fresh answers come from memory; stale ones are asked
+    /// again, and kept if the upstream cannot be asked.
+    pub async fn allows(&self, entry: &Entry, auth: Option<RegistryAuth>) -> bool {
+        if !entry.private {
+            return true;
+        }
+        let Some(auth) = auth else { return false };
+        let key = (repository_of(&entry.reference), credential_hash(&auth));
+        let known = self.grants.lock().ok().and_then(|g| g.get(&key).copied());
+        if let Some(g) = known.filter(|g| g.checked.elapsed() < self.ttl) {
+            return g.allowed;
+        }
+        match (self.check)(entry.reference.clone(), auth).await {
+            Ok(allowed) => {
+                if let Ok(mut g) = self.grants.lock() {
+                    g.insert(key, Grant { allowed, checked: Instant::now() });
+                }
+                allowed
+            }
+            // A transient failure never replaces a known answer.
+            Err(e) => {
+                tracing::warn!(error = %e, reference = %entry.reference, "access check failed; using the last answer");
+                known.is_some_and(|g| g.allowed)
+            }
+        }
+    }
+}
+
+fn credential_hash(auth: &RegistryAuth) -> [u8; 32] {
+    let text = match auth {
+        RegistryAuth::Anonymous => String::new(),
+        RegistryAuth::Basic(u, p) => format!("basic\0{u}\0{p}"),
+        RegistryAuth::Bearer(t) => format!("bearer\0{t}"),
+    };
+    Sha256::digest(text.as_bytes()).into()
+}
+
+fn repository_of(reference: &str) -> String {
+    parse_reference(reference).map(|r| format!("{}/{}", r.registry(), r.repository())).unwrap_or_default()
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ServedLabels {
+    kind: &'static str,
+    outcome: &'static str,
+}
+
+pub struct AppState {
+    pub cache: Arc<Cache>,
+    pub permissions: Permissions,
+    pub ready: std::sync::atomic::AtomicBool,
+    served: Family<ServedLabels, Counter>,
+    registry: Registry,
+}
+
+impl AppState {
+    pub fn new(cache: Arc<Cache>, permissions: Permissions) -> Arc<Self> {
+        let mut registry = Registry::with_prefix("registry_cache");
+        let served = Family::<ServedLabels, Counter>::default();
+        registry.register("requests", "Requests served, by kind and outcome", served.clone());
+        Arc::new(Self { cache, permissions, ready: true.into(), served, registry })
+    }
+
+    fn count(&self, kind: &'static str, outcome: &'static str) {
+        self.served.get_or_create(&ServedLabels { kind, outcome }).inc();
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v2/", get(api_root))
+        .route("/v2/{*rest}", get(distribution).head(distribution))
+        .route("/wasm/{file}", get(wasm_file))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// The version check doubles as the auth challenge: clients send credentials only after a
+/// 401 here. Clients without credentials go on anonymously and still get public artifacts.
+async fn api_root(headers: HeaderMap) -> Response {
+    let mut r = if headers.contains_key(header::AUTHORIZATION) {
+        "{}".into_response()
+    } else {
+        oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "send credentials for private artifacts")
+    };
+    r.headers_mut().insert("Docker-Distribution-API-Version", axum::http::HeaderValue::from_static("registry/2.0"));
+    r
+}
+
+async fn readyz(State(s): State<Arc<AppState>>) -> Response {
+    if s.ready.load(std::sync::atomic::Ordering::Relaxed) {
+        "ready".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+    }
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    let mut out = String::new();
+    if encode(&mut out, &s.registry).is_err() {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], out).into_response()
+}
+
+fn oci_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::json!({"errors": [{"code": code, "message": message}]}).to_string();
+    let mut r = (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        if let Ok(v) = "Basic realm=\"registry-cache\"".parse() {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+        }
+    }
+    r
+}
+
+fn basic_auth(headers: &HeaderMap) -> Option<RegistryAuth> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = value.strip_prefix("Basic ")?;
+    let raw = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (u, p) = text.split_once(':')?;
+    Some(RegistryAuth::Basic(u.to_string(), p.to_string()))
+}
+
+/// Repository names as the distribution spec allows them: no empty, dot-only or odd segments.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+                && seg.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+                && seg.bytes().last().is_some_and(|b| b.is_ascii_alphanumeric())
+        })
+}
+
+fn entries_for(cache: &Cache, name: &str) -> Vec<(Entry, Option<String>)> {
+    cache
+        .entries()
+        .into_iter()
+        .filter_map(|e| {
+            let r = parse_reference(&e.reference).ok()?;
+            (r.repository() == name).then(|| (e.clone(), r.tag().map(str::to_string)))
+        })
+        .collect()
+}
+
+fn blob_response(method: &Method, bytes: Vec<u8>, digest: &str, media_type: &str) -> Response {
+    let len = bytes.len();
+    let body = if method == Method::HEAD { Body::empty() } else { Body::from(bytes) };
+    Response::builder()
+        .header(header::CONTENT_TYPE, media_type)
+        .header(header::CONTENT_LENGTH, len)
+        .header("Docker-Content-Digest", digest)
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+async fn distribution(
+    State(s): State<Arc<AppState>>,
+    method: Method,
+    headers: HeaderMap,
+    Path(rest): Path<String>,
+) -> Response {
+    let auth = basic_auth(&headers);
+    if let Some((name, tags)) = rest.rsplit_once("/tags/").filter(|(_, t)| *t == "list") {
+        let _ = tags;
+        if !valid_name(name) {
+            return oci_error(StatusCode::NOT_FOUND, "NAME_INVALID", "invalid repository name");
+        }
+        let mut visible = vec![];
+        for (e, tag) in entries_for(&s.cache, name) {
+            if let Some(tag) = tag {
+                if s.permissions.allows(&e, auth.clone()).await {
+                    visible.push(tag);
+                }
+            }
+        }
+        visible.sort();
+        visible.dedup();
+        if visible.is_empty() {
+            return oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN", "repository not known");
+        }
+        return axum::Json(serde_json::json!({"name": name, "tags": visible})).into_response();
+    }
+    let (name, kind, reference) = if let Some((n, r)) = rest.rsplit_once("/manifests/") {
+        (n, "manifest", r)
+    } else if let Some((n, r)) = rest.rsplit_once("/blobs/") {
+        (n, "blob", r)
+    } else {
+        return oci_error(StatusCode::NOT_FOUND, "UNSUPPORTED", "unknown endpoint");
+    };
+    if !valid_name(name) {
+        return oci_error(StatusCode::NOT_FOUND, "NAME_INVALID", "invalid repository name");
+    }
+    let candidates = entries_for(&s.cache, name);
+    let entry = match kind {
+        "manifest" if reference.starts_with("sha256:") => candidates
+            .into_iter()
+            .map(|(e, _)| e)
+            .find(|e| e.manifest == reference || e.signature.as_deref() == Some(reference)),
+        "manifest" => candidates.into_iter().find(|(_, t)| t.as_deref() == Some(reference)).map(|(e, _)| e),
+        _ => candidates.into_iter().map(|(e, _)| e).find(|e| {
+            e.module == reference
+                || e.config == reference
+                || e.manifest == reference
+                || e.extra_blobs.iter().any(|b| b == reference)
+        }),
+    };
+    let unknown = if kind == "manifest" { "MANIFEST_UNKNOWN" } else { "BLOB_UNKNOWN" };
+    let Some(entry) = entry else {
+        s.count(kind, "unknown");
+        return oci_error(StatusCode::NOT_FOUND, unknown, "not in the cache");
+    };
+    if !s.permissions.allows(&entry, auth.clone()).await {
+        s.count(kind, "denied");
+        // Whether the artifact exists is itself private: answer as for an unknown one, except
+        // to ask for credentials when none were given.
+        return if auth.is_none() {
+            oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "credentials required")
+        } else {
+            oci_error(StatusCode::NOT_FOUND, unknown, "not in the cache")
+        };
+    }
+    let digest = if kind == "manifest" && !reference.starts_with("sha256:") {
+        entry.manifest.clone()
+    } else {
+        reference.to_string()
+    };
+    if digest_hex(&digest).is_err() {
+        return oci_error(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "invalid digest");
+    }
+    match s.cache.get_blob(&digest) {
+        Ok(Some(bytes)) => {
+            s.cache.touch(&entry.reference);
+            s.count(kind, "served");
+            let media_type = if kind == "manifest" { OCI_MANIFEST } else { "application/octet-stream" };
+            blob_response(&method, bytes, &digest, media_type)
+        }
+        Ok(None) => oci_error(StatusCode::NOT_FOUND, unknown, "not in the cache"),
+        Err(e) => {
+            tracing::error!(error = %e, %digest, "refusing to serve a corrupt blob");
+            s.count(kind, "corrupt");
+            oci_error(StatusCode::NOT_FOUND, unknown, "not in the cache")
+        }
+    }
+}
+
+/// `GET /wasm/<sha256>.wasm`, for `type: HTTP` code sources pinned by sha256.
+async fn wasm_file(State(s): State<Arc<AppState>>, headers: HeaderMap, Path(file): Path<String>) -> Response {
+    let Some(hex) = file.strip_suffix(".wasm") else {
+        return (StatusCode::NOT_FOUND, "not found").into_response();
+    };
+    let digest = format!("sha256:{hex}");
+    if digest_hex(&digest).is_err() {
+        return (StatusCode::NOT_FOUND, "not found").into_response();
+    }
+    let entries = s.cache.by_module(&digest);
+    let auth = basic_auth(&headers);
+    let mut allowed = None;
+    for e in &entries {
+        if s.permissions.allows(e, auth.clone()).await {
+            allowed = Some(e.clone());
+            break;
+        }
+    }
+    let Some(entry) = allowed else {
+        s.count("wasm", if entries.is_empty() { "unknown" } else { "denied" });
+        return (StatusCode::NOT_FOUND, "not found").into_response();
+    };
+    match s.cache.get_blob(&digest) {
+        Ok(Some(bytes)) => {
+            s.cache.touch(&entry.reference);
+            s.count("wasm", "served");
+            blob_response(&Method::GET, bytes, &digest, "application/wasm")
+        }
+        _ => (StatusCode::NOT_FOUND, "not found").into_response(),
+    }
+}

@@ -1,0 +1,221 @@
+//! Against a real private registry: Debian's `docker-registry` (CNCF distribution) on loopback
+//! with htpasswd auth, seeded by pushing with `oci-client`; `skopeo` as an independent client
+//! of the cache's OCI API.
+
+use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use registry_cache::artifact::{self, Format};
+use registry_cache::cache::Cache;
+use registry_cache::publish;
+use registry_cache::pull::{PullOptions, Puller};
+use registry_cache::server::{self, AccessCheck, AppState, Permissions};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+const USER: &str = "ci";
+const PASSWORD: &str = "wasm-s3cret";
+
+struct Registry {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port")
+}
+
+async fn start_registry() -> Registry {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let htpasswd = Command::new("htpasswd").args(["-Bbn", USER, PASSWORD]).output().expect("htpasswd (apache2-utils)");
+    assert!(htpasswd.status.success());
+    std::fs::write(dir.path().join("htpasswd"), &htpasswd.stdout).expect("write htpasswd");
+    let addr = free_addr();
+    let config = format!(
+        "version: 0.1\nlog: {{level: warn}}\nstorage: {{filesystem: {{rootdirectory: {root}}}}}\nhttp: {{addr: {addr}}}\nauth: {{htpasswd: {{realm: test, path: {ht}}}}}\n",
+        root = dir.path().join("data").display(),
+        ht = dir.path().join("htpasswd").display(),
+    );
+    std::fs::write(dir.path().join("config.yml"), config).expect("write config");
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(dir.path().join("config.yml"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("docker-registry (Debian package docker-registry)");
+    let registry = Registry { child, addr, _dir: dir };
+    for _ in 0..100 {
+        if let Ok(r) = reqwest::get(format!("http://{addr}/v2/")).await {
+            assert_eq!(r.status(), 401, "the registry must require credentials");
+            return registry;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("docker-registry did not start");
+}
+
+fn wasm_module(tag: &str) -> Vec<u8> {
+    // A valid module header followed by a custom section that makes each module distinct.
+    let name = format!("churn-guard-test-{tag}");
+    let mut m = vec![0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, 0x00];
+    m.push((name.len() + 1) as u8);
+    m.push(name.len() as u8);
+    m.extend_from_slice(name.as_bytes());
+    m
+}
+
+fn tar_gz_with(name: &str, data: &[u8]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    let mut header = tar::Header::new_gnu();
+    header.set_size(data.len() as u64);
+    header.set_mode(0o644);
+    header.set_cksum();
+    builder.append_data(&mut header, name, data).expect("tar");
+    builder.into_inner().and_then(|gz| gz.finish()).expect("gzip")
+}
+
+fn client() -> Client {
+    Client::new(ClientConfig { protocol: ClientProtocol::Http, ..ClientConfig::default() })
+}
+
+fn auth() -> RegistryAuth {
+    RegistryAuth::Basic(USER.into(), PASSWORD.into())
+}
+
+/// Pushes `module` as an image of `format`; returns the reference.
+async fn push(registry: &Registry, repo: &str, format: Format, module: &[u8]) -> String {
+    let image = format!("{}/{repo}:v1", registry.addr);
+    let reference: Reference = image.parse().expect("reference");
+    let (layer, config) = match format {
+        Format::CncfArtifact => (
+            ImageLayer::new(module.to_vec(), artifact::CNCF_WASM_LAYER.into(), None),
+            Config::new(b"{}".to_vec(), artifact::CNCF_WASM_CONFIG.into(), None),
+        ),
+        Format::SoloOci => (
+            ImageLayer::new(module.to_vec(), artifact::SOLO_WASM_LAYER.into(), None),
+            Config::new(b"{}".to_vec(), artifact::SOLO_WASM_CONFIG.into(), None),
+        ),
+        Format::Compat => (
+            ImageLayer::new(tar_gz_with("plugin.wasm", module), artifact::OCI_TAR_GZIP.into(), None),
+            Config::new(
+                br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec(),
+                artifact::OCI_CONFIG.into(),
+                None,
+            ),
+        ),
+    };
+    client().push(&reference, &[layer], config, &auth(), None).await.expect("push");
+    image
+}
+
+fn puller(registry: &Registry) -> Puller {
+    Puller::new(PullOptions { insecure_registries: vec![registry.addr.to_string()], ..PullOptions::default() })
+}
+
+#[tokio::test]
+async fn pulls_all_three_formats_from_a_private_registry_and_refuses_bad_input() {
+    let registry = start_registry().await;
+    let puller = puller(&registry);
+    for (repo, format) in
+        [("wasm/cncf", Format::CncfArtifact), ("wasm/solo", Format::SoloOci), ("wasm/compat", Format::Compat)]
+    {
+        let module = wasm_module(repo);
+        let image = push(&registry, repo, format, &module).await;
+        let pulled = puller.pull(&image, &auth()).await.unwrap_or_else(|e| panic!("{image}: {e}"));
+        assert_eq!(pulled.format, format);
+        assert_eq!(pulled.module, module, "{image}: the module must come out byte for byte");
+        assert!(puller.pull(&image, &RegistryAuth::Anonymous).await.is_err(), "anonymous pull of a private image");
+        let wrong = RegistryAuth::Basic(USER.into(), "wrong".into());
+        assert!(puller.pull(&image, &wrong).await.is_err());
+        // Pinned by digest: the right digest pulls, a wrong one is refused.
+        let pinned = format!("{}/{repo}@{}", registry.addr, pulled.upstream_digest);
+        assert_eq!(puller.pull(&pinned, &auth()).await.map(|p| p.module).ok(), Some(module));
+        let wrong_digest = format!("{}/{repo}@sha256:{}", registry.addr, "0".repeat(64));
+        assert!(puller.pull(&wrong_digest, &auth()).await.is_err());
+    }
+    // A layer that is not Wasm.
+    let not_wasm = push(&registry, "wasm/elf", Format::SoloOci, b"\x7fELF not wasm").await;
+    let err = puller.pull(&not_wasm, &auth()).await.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("not a Wasm module"), "{err}");
+    // Bigger than allowed.
+    let small = Puller::new(PullOptions {
+        insecure_registries: vec![registry.addr.to_string()],
+        max_module_bytes: 8,
+        ..PullOptions::default()
+    });
+    let big = push(&registry, "wasm/big", Format::SoloOci, &wasm_module("a-rather-long-name")).await;
+    let err = small.pull(&big, &auth()).await.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(err.contains("larger than"), "{err}");
+}
+
+async fn serve(cache: Arc<Cache>, puller: Puller) -> SocketAddr {
+    let puller = Arc::new(puller);
+    let check: AccessCheck = Arc::new(move |reference, auth| {
+        let puller = Arc::clone(&puller);
+        Box::pin(async move { puller.can_read(&reference, &auth).await })
+    });
+    let state = AppState::new(cache, Permissions::new(Duration::from_secs(60), check));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, server::router(state)).await });
+    addr
+}
+
+#[tokio::test]
+async fn serves_private_artifacts_only_to_clients_that_prove_access_and_skopeo_copies_them() {
+    let registry = start_registry().await;
+    let module = wasm_module("served");
+    let image = push(&registry, "filters/churn-guard", Format::Compat, &module).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = Arc::new(Cache::open(dir.path(), 1 << 30).expect("cache"));
+    let pulled = puller(&registry).pull(&image, &auth()).await.expect("pull");
+    let entry = publish::publish(&cache, &pulled, true).expect("publish");
+    assert_eq!(entry.module, format!("sha256:{}", artifact::sha256_hex(&module)));
+    let addr = serve(Arc::clone(&cache), puller(&registry)).await;
+    let http = reqwest::Client::new();
+    let wasm_url = format!("http://{addr}/wasm/{}.wasm", artifact::digest_hex(&entry.module).unwrap_or_default());
+
+    let anonymous = http.get(&wasm_url).send().await.expect("request");
+    assert_eq!(anonymous.status(), 404, "a private module was served without proof of access");
+    let wrong = http.get(&wasm_url).basic_auth(USER, Some("guess")).send().await.expect("request");
+    assert_eq!(wrong.status(), 404, "a private module was served to wrong credentials");
+    let proven = http.get(&wasm_url).basic_auth(USER, Some(PASSWORD)).send().await.expect("request");
+    assert_eq!(proven.status(), 200);
+    assert_eq!(proven.bytes().await.expect("body").as_ref(), &module[..]);
+
+    // The registry goes away: what is cached is still served, and known answers still hold.
+    drop(registry);
+    let again = http.get(&wasm_url).basic_auth(USER, Some(PASSWORD)).send().await.expect("request");
+    assert_eq!(again.status(), 200, "cached artifacts must survive the upstream being down");
+
+    // skopeo, an independent OCI client, copies the re-published artifact from the cache.
+    let out = tempfile::tempdir().expect("tempdir");
+    // Async: the cache's server runs on this test's runtime.
+    let copy = |creds: Option<String>| {
+        let mut cmd = tokio::process::Command::new("skopeo");
+        cmd.args(["copy", "--src-tls-verify=false"]);
+        match creds {
+            Some(c) => cmd.args(["--src-creds", &c]),
+            None => cmd.arg("--src-no-creds"),
+        };
+        cmd.arg(format!("docker://{addr}/filters/churn-guard:v1")).arg(format!("dir:{}", out.path().display()));
+        cmd.output()
+    };
+    let denied = copy(None).await.expect("skopeo (Debian package skopeo)");
+    assert!(!denied.status.success(), "skopeo copied a private artifact without credentials");
+    let copied = copy(Some(format!("{USER}:{PASSWORD}"))).await.expect("skopeo");
+    assert!(copied.status.success(), "skopeo: {}", String::from_utf8_lossy(&copied.stderr));
+    let layer = out.path().join(artifact::digest_hex(&entry.module).unwrap_or_default());
+    assert_eq!(std::fs::read(layer).expect("layer in skopeo's copy"), module);
+}
