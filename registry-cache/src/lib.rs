@@ -6,4 +6,5 @@ pub mod auth;
 pub mod cache;
 pub mod publish;
 pub mod pull;
+pub mod render;
 pub mod server;

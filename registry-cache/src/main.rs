@@ -5,7 +5,7 @@ use oci_client::secrets::RegistryAuth;
 use registry_cache::cache::Cache;
 use registry_cache::pull::{parse_reference, PullOptions, Puller};
 use registry_cache::server::{self, AccessCheck, AppState, Permissions};
-use registry_cache::{auth, publish};
+use registry_cache::{auth, publish, render};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -63,6 +63,15 @@ enum Command {
         #[command(flatten)]
         upstream: Upstream,
     },
+    /// Rewrite EnvoyExtensionPolicies to load their Wasm images from the cache over HTTP, pinned by sha256.
+    Render {
+        policy: PathBuf,
+        #[arg(long)]
+        cache_dir: PathBuf,
+        /// Where Envoy reaches the cache.
+        #[arg(long, default_value = "http://registry-cache.churn-guard-system.svc.cluster.local:5000")]
+        base_url: String,
+    },
     /// Serve the cache: OCI distribution API (read-only), /wasm/<sha256>.wasm, /metrics, /healthz, /readyz.
     Serve {
         #[arg(long)]
@@ -96,6 +105,12 @@ async fn main() -> anyhow::Result<()> {
                 "{} manifest {} module {} ({} bytes, {} format)",
                 entry.reference, entry.upstream_digest, entry.module, entry.size, entry.format
             );
+            Ok(())
+        }
+        Command::Render { policy, cache_dir, base_url } => {
+            let cache = Cache::open(&cache_dir, u64::MAX)?;
+            let yaml = std::fs::read_to_string(&policy)?;
+            print!("{}", render::render(&yaml, &base_url, |r| cache.lookup(r))?);
             Ok(())
         }
         Command::Serve { cache_dir, listen, max_cache_bytes, permission_ttl_seconds, upstream } => {

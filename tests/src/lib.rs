@@ -2,6 +2,7 @@
 //! Envoy Gateway configures it, with the churn-guard Wasm module served over HTTP and pinned by
 //! sha256 like Envoy Gateway's Wasm code sources.
 
+pub mod crds;
 pub mod envoy;
 pub mod gateway;
 pub mod upstream;

@@ -1,0 +1,69 @@
+//! `render`: rewrites EnvoyExtensionPolicies so Envoy loads each Wasm image from the cache over
+//! HTTP, pinned by sha256. Envoy Gateway then has nothing to fetch or check at a registry while
+//! it translates: the module is already local and its digest is in the policy.
+
+use crate::cache::Entry;
+use crate::pull::parse_reference;
+use serde_json::{json, Value};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RenderError {
+    #[error("not YAML: {0}")]
+    Yaml(String),
+    #[error("{policy}: wasm[{index}] image {image} is not in the cache (run `registry-cache pull {image}` first)")]
+    NotCached { policy: String, index: usize, image: String },
+    #[error("{policy}: wasm[{index}] image {image:?} is not a valid reference: {reason}")]
+    BadReference { policy: String, index: usize, image: String, reason: String },
+}
+
+fn policy_name(doc: &Value) -> String {
+    format!(
+        "EnvoyExtensionPolicy {}/{}",
+        doc["metadata"]["namespace"].as_str().unwrap_or("default"),
+        doc["metadata"]["name"].as_str().unwrap_or("?")
+    )
+}
+
+/// Rewrites every `code.type: Image` of every EnvoyExtensionPolicy in `yaml`; other documents
+/// pass through. `base_url` is where Envoy reaches the cache, e.g.
+/// `http://registry-cache.churn-guard-system.svc:5000`.
+pub fn render(yaml: &str, base_url: &str, lookup: impl Fn(&str) -> Option<Entry>) -> Result<String, RenderError> {
+    let mut out = String::new();
+    for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
+        let mut doc: Value = serde::Deserialize::deserialize(doc).map_err(|e| RenderError::Yaml(e.to_string()))?;
+        if doc.is_null() {
+            continue;
+        }
+        if doc["kind"] == "EnvoyExtensionPolicy" {
+            let policy = policy_name(&doc);
+            if let Some(wasms) = doc.pointer_mut("/spec/wasm").and_then(Value::as_array_mut) {
+                for (index, wasm) in wasms.iter_mut().enumerate() {
+                    if wasm["code"]["type"] != "Image" {
+                        continue;
+                    }
+                    let image = wasm["code"]["image"]["url"].as_str().unwrap_or_default().to_string();
+                    let reference =
+                        parse_reference(image.trim_start_matches("oci://")).map_err(|e| RenderError::BadReference {
+                            policy: policy.clone(),
+                            index,
+                            image: image.clone(),
+                            reason: e.to_string(),
+                        })?;
+                    let entry = lookup(&reference.whole()).ok_or_else(|| RenderError::NotCached {
+                        policy: policy.clone(),
+                        index,
+                        image: image.clone(),
+                    })?;
+                    let sha256 = entry.module.trim_start_matches("sha256:").to_string();
+                    wasm["code"] = json!({
+                        "type": "HTTP",
+                        "http": {"url": format!("{}/wasm/{sha256}.wasm", base_url.trim_end_matches('/')), "sha256": sha256}
+                    });
+                }
+            }
+        }
+        out.push_str("---\n");
+        out.push_str(&serde_yaml_ng::to_string(&doc).map_err(|e| RenderError::Yaml(e.to_string()))?);
+    }
+    Ok(out)
+}

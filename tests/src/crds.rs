@@ -1,0 +1,90 @@
+//! Envoy Gateway's CRD schemas (`../shared/envoy-gateway/crds/`), to validate what the project
+//! ships and renders.
+
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::envoy::workspace_root;
+
+pub fn crd_dir() -> PathBuf {
+    std::env::var_os("EG_CRD_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("../shared/envoy-gateway/crds"))
+}
+
+/// Every document of a multi-document YAML file or string.
+pub fn yaml_docs(path: &Path) -> anyhow::Result<Vec<Value>> {
+    yaml_docs_str(&std::fs::read_to_string(path)?)
+}
+
+pub fn yaml_docs_str(text: &str) -> anyhow::Result<Vec<Value>> {
+    let mut docs = vec![];
+    for doc in serde_yaml_ng::Deserializer::from_str(text) {
+        let v: Value = serde::Deserialize::deserialize(doc)?;
+        if !v.is_null() {
+            docs.push(v);
+        }
+    }
+    Ok(docs)
+}
+
+/// Kubernetes drops unknown fields silently; a typo in a policy then does nothing at all.
+/// Validate strictly instead: objects with declared properties admit no others.
+pub fn strict(schema: &mut Value) {
+    if let Some(obj) = schema.as_object_mut() {
+        let preserve = obj.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
+        if obj.contains_key("properties") && !preserve && !obj.contains_key("additionalProperties") {
+            obj.insert("additionalProperties".into(), Value::Bool(false));
+        }
+        for v in obj.values_mut() {
+            strict(v);
+        }
+    } else if let Some(arr) = schema.as_array_mut() {
+        arr.iter_mut().for_each(strict);
+    }
+}
+
+/// Schemas by (apiVersion, kind), from every CRD in the directory.
+pub fn schemas() -> anyhow::Result<HashMap<(String, String), Value>> {
+    let mut out = HashMap::new();
+    for entry in std::fs::read_dir(crd_dir())? {
+        let path = entry?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+            continue;
+        }
+        for crd in yaml_docs(&path)? {
+            if crd["kind"] != "CustomResourceDefinition" {
+                continue;
+            }
+            let group = crd["spec"]["group"].as_str().unwrap_or_default().to_string();
+            let kind = crd["spec"]["names"]["kind"].as_str().unwrap_or_default().to_string();
+            for version in crd["spec"]["versions"].as_array().into_iter().flatten() {
+                let mut schema = version["schema"]["openAPIV3Schema"].clone();
+                // Objects' metadata is checked by the API server, not the CRD.
+                if let Some(props) = schema["properties"].as_object_mut() {
+                    props.insert("metadata".into(), serde_json::json!({"type": "object"}));
+                }
+                strict(&mut schema);
+                let api = format!("{group}/{}", version["name"].as_str().unwrap_or_default());
+                out.insert((api, kind.clone()), schema);
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub fn validate(schemas: &HashMap<(String, String), Value>, doc: &Value) -> Result<bool, Vec<String>> {
+    let key = (
+        doc["apiVersion"].as_str().unwrap_or_default().to_string(),
+        doc["kind"].as_str().unwrap_or_default().to_string(),
+    );
+    let Some(schema) = schemas.get(&key) else { return Ok(false) };
+    let validator = jsonschema::draft4::new(schema).map_err(|e| vec![e.to_string()])?;
+    let errors: Vec<String> = validator.iter_errors(doc).map(|e| format!("{}: {e}", e.instance_path)).collect();
+    if errors.is_empty() {
+        Ok(true)
+    } else {
+        Err(errors)
+    }
+}
