@@ -124,11 +124,10 @@ async fn main() -> anyhow::Result<()> {
             let state = AppState::new(cache, permissions);
             let listener = tokio::net::TcpListener::bind(listen).await?;
             tracing::info!(addr = %listener.local_addr()?, "serving");
-            axum::serve(listener, server::router(state))
-                .with_graceful_shutdown(async {
-                    let _ = tokio::signal::ctrl_c().await;
-                })
-                .await?;
+            server::serve(listener, server::router(state), async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
             Ok(())
         }
     }

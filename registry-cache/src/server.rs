@@ -333,3 +333,34 @@ async fn wasm_file(State(s): State<Arc<AppState>>, headers: HeaderMap, Path(file
         _ => (StatusCode::NOT_FOUND, "not found").into_response(),
     }
 }
+
+/// Serves `app` over plain HTTP/1.1 until `shutdown` completes.
+///
+/// Docker-style clients try HTTPS first and fall back to HTTP only once the TLS handshake
+/// fails; a plain HTTP server that just waits for a request line leaves them hanging until
+/// their handshake times out. A connection that opens with a TLS record is closed at once.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => accepted?,
+            () = &mut shutdown => return Ok(()),
+        };
+        let app = app.clone();
+        tokio::spawn(async move {
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(Duration::from_secs(30), stream.peek(&mut first)).await {
+                Ok(Ok(1)) if first[0] != TLS_HANDSHAKE_RECORD => {}
+                _ => return,
+            }
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+        });
+    }
+}

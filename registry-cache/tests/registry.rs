@@ -168,7 +168,7 @@ async fn serve(cache: Arc<Cache>, puller: Puller) -> SocketAddr {
     let state = AppState::new(cache, Permissions::new(Duration::from_secs(60), check));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, server::router(state)).await });
+    tokio::spawn(server::serve(listener, server::router(state), std::future::pending()));
     addr
 }
 
@@ -218,4 +218,24 @@ async fn serves_private_artifacts_only_to_clients_that_prove_access_and_skopeo_c
     assert!(copied.status.success(), "skopeo: {}", String::from_utf8_lossy(&copied.stderr));
     let layer = out.path().join(artifact::digest_hex(&entry.module).unwrap_or_default());
     assert_eq!(std::fs::read(layer).expect("layer in skopeo's copy"), module);
+}
+
+#[tokio::test]
+async fn a_tls_handshake_on_the_plain_http_port_is_refused_at_once() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = Arc::new(Cache::open(dir.path(), 1 << 30).expect("cache"));
+    let addr = serve(cache, Puller::new(PullOptions::default())).await;
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    // The start of a TLS ClientHello record.
+    conn.write_all(&[0x16, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1]).await.expect("write");
+    let mut buf = [0u8; 16];
+    // The guard only keeps a broken server from hanging the suite.
+    let read = tokio::time::timeout(Duration::from_secs(30), conn.read(&mut buf))
+        .await
+        .expect("the server left the handshake hanging");
+    assert!(matches!(read, Ok(0) | Err(_)), "the connection should be closed, got {read:?}");
+    // Plain HTTP still works.
+    let r = reqwest::get(format!("http://{addr}/healthz")).await.expect("healthz");
+    assert_eq!(r.status(), 200);
 }
