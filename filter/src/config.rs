@@ -84,6 +84,10 @@ pub struct RetryConfig {
     /// `x-envoy-upstream-rq-per-try-timeout-ms` to add; unset leaves Envoy's route timeout alone.
     pub per_try_timeout_ms: Option<u64>,
     pub budget: RetryBudgetConfig,
+    /// `retriable_status_codes` as the `x-envoy-retriable-status-codes` value, joined once at
+    /// configure time rather than on every request.
+    #[serde(skip)]
+    pub status_codes_header: Option<String>,
 }
 
 impl Default for RetryConfig {
@@ -94,6 +98,7 @@ impl Default for RetryConfig {
             retriable_status_codes: vec![502, 503],
             per_try_timeout_ms: None,
             budget: RetryBudgetConfig::default(),
+            status_codes_header: Some("502,503".into()),
         }
     }
 }
@@ -183,6 +188,10 @@ impl Config {
             .map_err(|e| ConfigError { field: e.path().to_string(), message: e.into_inner().to_string() })?;
         de.end().map_err(|e| ConfigError { field: ".".into(), message: e.to_string() })?;
         config.validate()?;
+        let mut config = config;
+        let codes = &config.retry.retriable_status_codes;
+        config.retry.status_codes_header =
+            (!codes.is_empty()).then(|| codes.iter().map(u16::to_string).collect::<Vec<_>>().join(","));
         Ok(config)
     }
 

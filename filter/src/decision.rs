@@ -75,8 +75,7 @@ pub fn decide(
         if max_retries == 0 {
             decision.budget_exhausted = true;
         } else if is_idempotent(facts.method) {
-            let codes = (!r.retriable_status_codes.is_empty())
-                .then(|| r.retriable_status_codes.iter().map(u16::to_string).collect::<Vec<_>>().join(","));
+            let codes = r.status_codes_header.clone();
             decision.retry = Some(RetryPlan {
                 retry_on: if codes.is_some() { RETRY_ON_IDEMPOTENT } else { RETRY_ON_IDEMPOTENT_NO_CODES },
                 max_retries,
@@ -95,9 +94,10 @@ pub fn decide(
 
     if let Some(o) = &config.endpoint_override {
         let ttl = config.ejection.endpoint_ttl_ms;
-        let (proven, unproven) = table.healthy_addresses(now_ms, ttl);
-        let troubled = table.ejected_count(now_ms) > 0 || table.suspect_until_ms > now_ms || !unproven.is_empty();
+        // One pass, no allocation, for the common case: nothing is wrong, nothing to steer.
+        let troubled = table.suspect_until_ms > now_ms || table.has_trouble(now_ms, ttl);
         if !decision.fallback && !facts.has_override_header && troubled && !rng.chance(o.explore_ratio) {
+            let (proven, unproven) = table.healthy_addresses(now_ms, ttl);
             let attempts = decision.retry.as_ref().map_or(1, |p| p.max_retries as usize + 1);
             // Endpoints proven alive first; those back from an ejection only after them.
             let mut steer = sample(proven, attempts, rng);

@@ -151,6 +151,11 @@ impl ClusterTable {
         self.live(now_ms, ttl_ms).fold((0, 0), |(ej, all), e| (ej + usize::from(e.is_ejected(now_ms)), all + 1))
     }
 
+    /// Whether any known endpoint is ejected, or back from an ejection and not proven yet.
+    pub fn has_trouble(&self, now_ms: u64, ttl_ms: u64) -> bool {
+        self.live(now_ms, ttl_ms).any(|e| e.is_ejected(now_ms) || !e.proven)
+    }
+
     /// Known endpoints that are ejected or have not answered since they last failed.
     pub fn unhealthy_count(&self, now_ms: u64, ttl_ms: u64) -> usize {
         self.live(now_ms, ttl_ms).filter(|e| e.is_ejected(now_ms) || !e.proven).count()
