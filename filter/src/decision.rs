@@ -51,11 +51,11 @@ pub fn fallback_active(config: &Config, table: &ClusterTable, now_ms: u64) -> bo
         return true;
     }
     let ttl = config.ejection.endpoint_ttl_ms;
-    let (ejected, known) = table.counts(now_ms, ttl);
+    let t = table.tally(now_ms, ttl);
     // With steering, endpoints back from an ejection must answer a probe before they count as
     // healthy; without it nothing probes them, so their ejection running out has to do.
-    let unhealthy = if config.endpoint_override.is_some() { table.unhealthy_count(now_ms, ttl) } else { ejected };
-    known > 0 && unhealthy as f64 >= fallback.ejected_share * known as f64
+    let unhealthy = if config.endpoint_override.is_some() { t.unhealthy } else { t.ejected };
+    t.known > 0 && unhealthy as f64 >= fallback.ejected_share * t.known as f64
 }
 
 /// Decides for one request. `retries_available` is what the budget allows right now.

@@ -497,8 +497,9 @@ impl HttpContext for Request {
     fn on_log(&mut self) {
         let p = Rc::clone(&self.plugin);
         // The route only changes cluster when the fallback header re-routed it.
-        let cluster = match (&self.cluster, self.fell_back) {
-            (Some(c), false) => c.clone(),
+        // on_log is the request's last callback: take the name rather than copy it.
+        let cluster = match (self.cluster.take(), self.fell_back) {
+            (Some(c), false) => c,
             _ => match host::cluster_name() {
                 Some(c) => c,
                 None => return,

@@ -92,6 +92,14 @@ pub enum Observation<'a> {
     Unattributed,
 }
 
+/// Counts of a cluster's known endpoints; see `ClusterTable::tally`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub known: usize,
+    pub ejected: usize,
+    pub unhealthy: usize,
+}
+
 /// What applying observations changed, for metrics and logs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Applied {
@@ -146,9 +154,22 @@ impl ClusterTable {
         self.endpoints.iter().filter(|e| e.is_ejected(now_ms)).count()
     }
 
+    /// Known endpoints in one pass: how many are ejected, how many are ejected or unproven
+    /// (back from an ejection with no answer since), and how many there are.
+    pub fn tally(&self, now_ms: u64, ttl_ms: u64) -> Tally {
+        self.live(now_ms, ttl_ms).fold(Tally::default(), |mut t, e| {
+            let ejected = e.is_ejected(now_ms);
+            t.known += 1;
+            t.ejected += usize::from(ejected);
+            t.unhealthy += usize::from(ejected || !e.proven);
+            t
+        })
+    }
+
     /// (ejected, known) endpoints.
     pub fn counts(&self, now_ms: u64, ttl_ms: u64) -> (usize, usize) {
-        self.live(now_ms, ttl_ms).fold((0, 0), |(ej, all), e| (ej + usize::from(e.is_ejected(now_ms)), all + 1))
+        let t = self.tally(now_ms, ttl_ms);
+        (t.ejected, t.known)
     }
 
     /// Whether any known endpoint is ejected, or back from an ejection and not proven yet.
@@ -158,7 +179,7 @@ impl ClusterTable {
 
     /// Known endpoints that are ejected or have not answered since they last failed.
     pub fn unhealthy_count(&self, now_ms: u64, ttl_ms: u64) -> usize {
-        self.live(now_ms, ttl_ms).filter(|e| e.is_ejected(now_ms) || !e.proven).count()
+        self.tally(now_ms, ttl_ms).unhealthy
     }
 
     /// Endpoints back from an ejection that nothing has proven alive yet: candidates for probes.
