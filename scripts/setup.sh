@@ -15,6 +15,8 @@ declare -A debs=(
   [docker-registry]=docker-registry
   [skopeo]=skopeo
   [htpasswd]=apache2-utils
+  # `kubectl kustomize deploy/` renders the manifests in tests (works offline).
+  [kubectl]=kubernetes-client
 )
 missing=()
 for cmd in "${!debs[@]}"; do
