@@ -166,8 +166,13 @@ pub fn wasm_layer(m: &Manifest) -> Result<WasmLayer, ArtifactError> {
     Err(ArtifactError::UnknownFormat(m.layers.iter().map(|l| l.media_type.clone()).collect()))
 }
 
+/// Whether `bytes` start with the Wasm magic number and version 1.
+pub fn is_wasm(bytes: &[u8]) -> bool {
+    bytes.starts_with(&WASM_MAGIC)
+}
+
 fn check_wasm(module: &[u8]) -> Result<(), ArtifactError> {
-    if module.starts_with(&WASM_MAGIC) {
+    if is_wasm(module) {
         Ok(())
     } else {
         Err(ArtifactError::NotWasm)

@@ -265,6 +265,23 @@ impl Cache {
             e.last_used = now_secs();
         }
     }
+
+    /// Records (or clears) an entry's signature manifest and the other blobs it keeps alive,
+    /// all already stored. `None` if the entry is gone.
+    pub fn set_signature(
+        &self,
+        reference: &str,
+        signature: Option<String>,
+        extra_blobs: Vec<String>,
+    ) -> Result<Option<Entry>, CacheError> {
+        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(e) = index.entries.get_mut(reference) else { return Ok(None) };
+        e.signature = signature;
+        e.extra_blobs = extra_blobs;
+        let entry = e.clone();
+        self.persist(&index)?;
+        Ok(Some(entry))
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,12 @@
 pub mod artifact;
 pub mod auth;
 pub mod cache;
+pub mod package;
+pub mod permissions;
 pub mod publish;
 pub mod pull;
 pub mod render;
 pub mod server;
+pub mod service;
+pub mod sign;
+pub mod sources;

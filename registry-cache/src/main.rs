@@ -4,11 +4,11 @@ use clap::{Parser, Subcommand};
 use oci_client::secrets::RegistryAuth;
 use registry_cache::cache::Cache;
 use registry_cache::pull::{parse_reference, PullOptions, Puller};
-use registry_cache::server::{self, AccessCheck, AppState, Permissions};
-use registry_cache::{auth, publish, render};
+use registry_cache::service::{Service, ServiceOptions};
+use registry_cache::sign::{self, PublicKey, Signer, SigningKey};
+use registry_cache::{auth, publish, render, sources};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -32,16 +32,60 @@ struct Upstream {
     /// Largest module accepted, in bytes.
     #[arg(long, default_value_t = 64 << 20)]
     max_module_bytes: u64,
+    /// Refuse artifacts without a cosign signature (the upstream's `sha256-<hex>.sig` tag)
+    /// that verifies with this public key (PEM, or Secret/ConfigMap with cosign.pub). Repeatable.
+    #[arg(long = "require-signature", value_name = "PUB")]
+    require_signature: Vec<PathBuf>,
+}
+
+#[derive(clap::Args, Clone)]
+struct Signing {
+    /// Sign each artifact as it is cached, cosign-style, with this private key (PEM: PKCS#8,
+    /// SEC1 or cosign's encrypted key with COSIGN_PASSWORD; or a Secret with cosign.key).
+    #[arg(long, value_name = "KEY")]
+    signing_key: Option<PathBuf>,
+    /// The cache's address as clients use it: signatures name `<prefix>/<repository>`.
+    #[arg(long, default_value = sign::DEFAULT_IDENTITY_PREFIX)]
+    identity_prefix: String,
+}
+
+impl Signing {
+    fn signer(&self) -> anyhow::Result<Option<Signer>> {
+        let Some(path) = &self.signing_key else { return Ok(None) };
+        Ok(Some(Signer::new(load_signing_key(path)?, self.identity_prefix.clone())))
+    }
+}
+
+fn load_signing_key(path: &std::path::Path) -> anyhow::Result<SigningKey> {
+    let password = std::env::var("COSIGN_PASSWORD").ok();
+    Ok(SigningKey::load(path, password.as_deref())?)
+}
+
+fn load_public_keys(paths: &[PathBuf]) -> anyhow::Result<Vec<PublicKey>> {
+    Ok(paths.iter().map(|p| PublicKey::load(p)).collect::<Result<Vec<_>, _>>()?)
+}
+
+/// References as given, normalised as the cache records them; none means every entry.
+fn cached_references(cache: &Cache, given: &[String]) -> anyhow::Result<Vec<String>> {
+    if given.is_empty() {
+        return Ok(cache.entries().into_iter().map(|e| e.reference).collect());
+    }
+    Ok(given.iter().map(|r| parse_reference(r).map(|r| r.whole())).collect::<Result<Vec<_>, _>>()?)
 }
 
 impl Upstream {
-    fn puller(&self) -> anyhow::Result<Puller> {
+    fn pull_options(&self) -> anyhow::Result<PullOptions> {
         let extra_ca_pem = self.ca_certs.iter().map(std::fs::read).collect::<Result<Vec<_>, _>>()?;
-        Ok(Puller::new(PullOptions {
+        Ok(PullOptions {
             insecure_registries: self.insecure_registries.clone(),
             extra_ca_pem,
             max_module_bytes: self.max_module_bytes,
-        }))
+            require_signature: load_public_keys(&self.require_signature)?,
+        })
+    }
+
+    fn puller(&self) -> anyhow::Result<Puller> {
+        Ok(Puller::new(self.pull_options()?))
     }
 
     fn auth_for(&self, image: &str) -> anyhow::Result<RegistryAuth> {
@@ -62,6 +106,31 @@ enum Command {
         max_cache_bytes: u64,
         #[command(flatten)]
         upstream: Upstream,
+        #[command(flatten)]
+        signing: Signing,
+    },
+    /// Sign cached artifacts cosign-style (every entry when no reference is given); the OCI API
+    /// serves each signature under `sha256-<hex>.sig`. Run it while no `serve` uses the cache
+    /// (`serve --signing-key` signs as it caches).
+    Sign {
+        #[arg(long)]
+        cache_dir: PathBuf,
+        /// Private key: PEM (PKCS#8, SEC1, or cosign's encrypted key with COSIGN_PASSWORD) or a Secret with cosign.key.
+        #[arg(long)]
+        key: PathBuf,
+        /// The cache's address as clients use it: signatures name `<prefix>/<repository>`.
+        #[arg(long, default_value = sign::DEFAULT_IDENTITY_PREFIX)]
+        identity_prefix: String,
+        references: Vec<String>,
+    },
+    /// Verify cached artifacts' cosign signatures (every entry when no reference is given); fails naming each that does not verify.
+    Verify {
+        #[arg(long)]
+        cache_dir: PathBuf,
+        /// Public key: PEM, or a Secret/ConfigMap with cosign.pub. Repeatable: any one suffices.
+        #[arg(long, required = true)]
+        key: Vec<PathBuf>,
+        references: Vec<String>,
     },
     /// Rewrite EnvoyExtensionPolicies to load their Wasm images from the cache over HTTP, pinned by sha256.
     Render {
@@ -71,6 +140,9 @@ enum Command {
         /// Where Envoy reaches the cache.
         #[arg(long, default_value = "http://registry-cache.churn-guard-system.svc.cluster.local:5000")]
         base_url: String,
+        /// The key (at least 32 bytes) the serving cache signs private modules' URLs with.
+        #[arg(long)]
+        url_key: Option<PathBuf>,
     },
     /// Serve the cache: OCI distribution API (read-only), /wasm/<sha256>.wasm, /metrics, /healthz, /readyz.
     Serve {
@@ -85,6 +157,21 @@ enum Command {
         permission_ttl_seconds: u64,
         #[command(flatten)]
         upstream: Upstream,
+        #[command(flatten)]
+        signing: Signing,
+        /// YAML config: policy sources (Kubernetes, directories) and pre-pull tuning.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Watch EnvoyExtensionPolicies in all namespaces and pre-pull their images.
+        #[arg(long)]
+        watch_kubernetes: bool,
+        /// Pre-pull the images of EnvoyExtensionPolicies in manifests in DIR (re-scanned).
+        #[arg(long = "policies-dir", value_name = "DIR")]
+        policies_dirs: Vec<PathBuf>,
+        /// Key (at least 32 bytes) for `/wasm` URLs of private modules; `render --url-key` with
+        /// the same key issues them.
+        #[arg(long)]
+        url_key: Option<PathBuf>,
     },
 }
 
@@ -95,40 +182,120 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Pull { image, cache_dir, max_cache_bytes, upstream } => {
+        Command::Pull { image, cache_dir, max_cache_bytes, upstream, signing } => {
+            let signer = signing.signer()?;
             let cache = Cache::open(&cache_dir, max_cache_bytes)?;
             let auth = upstream.auth_for(&image)?;
             let private = !matches!(auth, RegistryAuth::Anonymous);
             let pulled = upstream.puller()?.pull(&image, &auth).await?;
-            let entry = publish::publish(&cache, &pulled, private)?;
+            let mut entry = publish::publish(&cache, &pulled, private)?;
+            if let Some(signer) = signer {
+                entry = signer.sign_entry(&cache, &entry.reference)?;
+            }
             println!(
                 "{} manifest {} module {} ({} bytes, {} format)",
                 entry.reference, entry.upstream_digest, entry.module, entry.size, entry.format
             );
             Ok(())
         }
-        Command::Render { policy, cache_dir, base_url } => {
+        Command::Sign { cache_dir, key, identity_prefix, references } => {
+            let signer = Signer::new(load_signing_key(&key)?, identity_prefix);
             let cache = Cache::open(&cache_dir, u64::MAX)?;
-            let yaml = std::fs::read_to_string(&policy)?;
-            print!("{}", render::render(&yaml, &base_url, |r| cache.lookup(r))?);
+            for reference in cached_references(&cache, &references)? {
+                let entry = signer.sign_entry(&cache, &reference)?;
+                let tag = sign::signature_tag(&entry.manifest)?;
+                println!("{} signed: {tag} {}", entry.reference, entry.signature.unwrap_or_default());
+            }
             Ok(())
         }
-        Command::Serve { cache_dir, listen, max_cache_bytes, permission_ttl_seconds, upstream } => {
-            let cache = Arc::new(Cache::open(&cache_dir, max_cache_bytes)?);
-            let puller = Arc::new(upstream.puller()?);
-            let check: AccessCheck = Arc::new(move |reference, auth| {
-                let puller = Arc::clone(&puller);
-                Box::pin(async move { puller.can_read(&reference, &auth).await })
-            });
-            let permissions = Permissions::new(Duration::from_secs(permission_ttl_seconds), check);
-            let state = AppState::new(cache, permissions);
-            let listener = tokio::net::TcpListener::bind(listen).await?;
-            tracing::info!(addr = %listener.local_addr()?, "serving");
-            server::serve(listener, server::router(state), async {
-                let _ = tokio::signal::ctrl_c().await;
+        Command::Verify { cache_dir, key, references } => {
+            let keys = load_public_keys(&key)?;
+            let cache = Cache::open(&cache_dir, u64::MAX)?;
+            let references = cached_references(&cache, &references)?;
+            let mut failed = vec![];
+            for reference in &references {
+                match sign::verify_entry(&cache, reference, &keys) {
+                    Ok(entry) => println!("{reference} verified: {}", entry.manifest),
+                    Err(e) => {
+                        eprintln!("{reference}: {e}");
+                        failed.push(reference.as_str());
+                    }
+                }
+            }
+            anyhow::ensure!(
+                failed.is_empty(),
+                "{} of {} did not verify: {}",
+                failed.len(),
+                references.len(),
+                failed.join(", ")
+            );
+            Ok(())
+        }
+        Command::Render { policy, cache_dir, base_url, url_key } => {
+            let cache = Cache::open(&cache_dir, u64::MAX)?;
+            let yaml = std::fs::read_to_string(&policy)?;
+            let key = read_url_key(url_key.as_deref())?;
+            let token = |ns: &str, module: &str| registry_cache::permissions::url_token(&key, ns, module);
+            print!("{}", render::render(&yaml, &base_url, |r| cache.lookup(r), token)?);
+            Ok(())
+        }
+        Command::Serve {
+            cache_dir,
+            listen,
+            max_cache_bytes,
+            permission_ttl_seconds,
+            upstream,
+            config,
+            watch_kubernetes,
+            policies_dirs,
+            signing,
+            url_key,
+        } => {
+            let service = Service::start(ServiceOptions {
+                cache_dir,
+                max_cache_bytes,
+                permission_ttl: Duration::from_secs(permission_ttl_seconds),
+                pull: upstream.pull_options()?,
+                settings: sources::config::load(config.as_deref(), watch_kubernetes, &policies_dirs)?,
+                signer: signing.signer()?,
+                url_key: read_url_key(url_key.as_deref())?,
             })
             .await?;
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            tracing::info!(addr = %listener.local_addr()?, "serving");
+            service.serve(listener, shutdown_signal()).await?;
+            tracing::info!("stopped");
             Ok(())
         }
     }
+}
+
+/// Ctrl-C, or SIGTERM as Kubernetes sends it before killing the pod.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}
+
+/// The URL signing key from a file (e.g. a mounted Secret); none given means no private URLs.
+fn read_url_key(path: Option<&std::path::Path>) -> anyhow::Result<Vec<u8>> {
+    let Some(path) = path else { return Ok(Vec::new()) };
+    let key = std::fs::read(path).map_err(|e| anyhow::anyhow!("--url-key {}: {e}", path.display()))?;
+    anyhow::ensure!(
+        key.len() >= registry_cache::permissions::MIN_URL_KEY_BYTES,
+        "--url-key {}: {} bytes; at least {} are needed",
+        path.display(),
+        key.len(),
+        registry_cache::permissions::MIN_URL_KEY_BYTES
+    );
+    Ok(key)
 }

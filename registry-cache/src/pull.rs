@@ -17,6 +17,8 @@ pub enum PullError {
     Registry(String),
     #[error(transparent)]
     Artifact(#[from] ArtifactError),
+    #[error("refusing {image}: {source}")]
+    Signature { image: String, source: crate::sign::VerifyError },
 }
 
 #[derive(Debug, Clone)]
@@ -26,11 +28,19 @@ pub struct PullOptions {
     /// Extra CA certificates (PEM) to trust.
     pub extra_ca_pem: Vec<Vec<u8>>,
     pub max_module_bytes: u64,
+    /// When not empty, an artifact is accepted only with a cosign signature (the upstream's
+    /// `sha256-<hex>.sig` tag) of its manifest digest that verifies with one of these keys.
+    pub require_signature: Vec<crate::sign::PublicKey>,
 }
 
 impl Default for PullOptions {
     fn default() -> Self {
-        Self { insecure_registries: vec![], extra_ca_pem: vec![], max_module_bytes: 64 << 20 }
+        Self {
+            insecure_registries: vec![],
+            extra_ca_pem: vec![],
+            max_module_bytes: 64 << 20,
+            require_signature: vec![],
+        }
     }
 }
 
@@ -94,6 +104,12 @@ impl Puller {
         }
         let manifest = artifact::parse_manifest(&raw)?;
         let wasm = artifact::wasm_layer(&manifest)?;
+        if !self.options.require_signature.is_empty() {
+            self.check_signature(&client, &reference, &upstream_digest, auth).await.map_err(|e| match e {
+                PullError::Signature { source, .. } => PullError::Signature { image: image.to_string(), source },
+                other => other,
+            })?;
+        }
         let limit = self.options.max_module_bytes;
         if wasm.layer.size as u64 > limit {
             return Err(ArtifactError::TooLarge { what: "layer", limit }.into());
@@ -148,6 +164,57 @@ impl tokio::io::AsyncWrite for LimitedBuffer {
 }
 
 impl Puller {
+    /// Requires a cosign signature of `digest` in `reference`'s repository that verifies with a
+    /// trusted key, fetched with the same credentials as the artifact.
+    async fn check_signature(
+        &self,
+        client: &Client,
+        reference: &Reference,
+        digest: &str,
+        auth: &RegistryAuth,
+    ) -> Result<(), PullError> {
+        use crate::sign::{self, VerifyError};
+        let refuse = |source: VerifyError| PullError::Signature { image: reference.whole(), source };
+        let tag = sign::signature_tag(digest)?;
+        let sig_ref = Reference::with_tag(reference.registry().into(), reference.repository().into(), tag.clone());
+        let raw = match client.pull_manifest_raw(&sig_ref, auth, &[OCI_MANIFEST, DOCKER_MANIFEST]).await {
+            Ok((raw, _)) => raw,
+            Err(oci_client::errors::OciDistributionError::ImageManifestNotFoundError(_)) => {
+                return Err(refuse(VerifyError::NoSignature { digest: digest.into(), detail: format!("no tag {tag}") }))
+            }
+            Err(oci_client::errors::OciDistributionError::RegistryError { envelope, .. })
+                if envelope.errors.iter().any(|e| e.code == oci_client::errors::OciErrorCode::ManifestUnknown) =>
+            {
+                return Err(refuse(VerifyError::NoSignature { digest: digest.into(), detail: format!("no tag {tag}") }))
+            }
+            Err(oci_client::errors::OciDistributionError::ServerError { code: 404, .. }) => {
+                return Err(refuse(VerifyError::NoSignature { digest: digest.into(), detail: format!("no tag {tag}") }))
+            }
+            Err(e) => return Err(PullError::Registry(format!("fetching {tag}: {e}"))),
+        };
+        let layers = sign::signature_layers(&raw).map_err(refuse)?;
+        let mut fetched = vec![];
+        for layer in layers {
+            if layer.size > sign::MAX_PAYLOAD_BYTES {
+                return Err(refuse(VerifyError::Malformed(format!("payload of {} bytes", layer.size))));
+            }
+            let descriptor = OciDescriptor {
+                media_type: sign::SIMPLE_SIGNING_MEDIA_TYPE.into(),
+                digest: layer.digest.clone(),
+                size: layer.size as i64,
+                urls: None,
+                annotations: None,
+            };
+            let mut payload = LimitedBuffer { bytes: Vec::new(), limit: sign::MAX_PAYLOAD_BYTES };
+            client
+                .pull_blob(&sig_ref, &descriptor, &mut payload)
+                .await
+                .map_err(|e| PullError::Registry(format!("fetching signature payload {}: {e}", layer.digest)))?;
+            fetched.push((layer, payload.bytes));
+        }
+        sign::verify_layers(&fetched, digest, &self.options.require_signature).map(|_| ()).map_err(refuse)
+    }
+
     /// Whether `auth` may read `image` at the upstream registry: the proof a client gives
     /// before a private artifact is served to it.
     pub async fn can_read(&self, image: &str, auth: &RegistryAuth) -> Result<bool, String> {

@@ -12,6 +12,8 @@ pub enum RenderError {
     Yaml(String),
     #[error("{policy}: wasm[{index}] image {image} is not in the cache (run `registry-cache pull {image}` first)")]
     NotCached { policy: String, index: usize, image: String },
+    #[error("{policy}: wasm[{index}] image {image} is private and no URL signing key is configured (--url-key)")]
+    NoUrlKey { policy: String, index: usize, image: String },
     #[error("{policy}: wasm[{index}] image {image:?} is not a valid reference: {reason}")]
     BadReference { policy: String, index: usize, image: String, reason: String },
 }
@@ -26,8 +28,15 @@ fn policy_name(doc: &Value) -> String {
 
 /// Rewrites every `code.type: Image` of every EnvoyExtensionPolicy in `yaml`; other documents
 /// pass through. `base_url` is where Envoy reaches the cache, e.g.
-/// `http://registry-cache.churn-guard-system.svc:5000`.
-pub fn render(yaml: &str, base_url: &str, lookup: impl Fn(&str) -> Option<Entry>) -> Result<String, RenderError> {
+/// `http://registry-cache.churn-guard-system.svc:5000`. A private module's URL carries the
+/// policy's namespace and `url_token(namespace, module digest)`, without which the cache does
+/// not serve it to Envoy.
+pub fn render(
+    yaml: &str,
+    base_url: &str,
+    lookup: impl Fn(&str) -> Option<Entry>,
+    url_token: impl Fn(&str, &str) -> Option<String>,
+) -> Result<String, RenderError> {
     let mut out = String::new();
     for doc in serde_yaml_ng::Deserializer::from_str(yaml) {
         let mut doc: Value = serde::Deserialize::deserialize(doc).map_err(|e| RenderError::Yaml(e.to_string()))?;
@@ -36,6 +45,7 @@ pub fn render(yaml: &str, base_url: &str, lookup: impl Fn(&str) -> Option<Entry>
         }
         if doc["kind"] == "EnvoyExtensionPolicy" {
             let policy = policy_name(&doc);
+            let namespace = doc["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
             if let Some(wasms) = doc.pointer_mut("/spec/wasm").and_then(Value::as_array_mut) {
                 for (index, wasm) in wasms.iter_mut().enumerate() {
                     if wasm["code"]["type"] != "Image" {
@@ -55,10 +65,16 @@ pub fn render(yaml: &str, base_url: &str, lookup: impl Fn(&str) -> Option<Entry>
                         image: image.clone(),
                     })?;
                     let sha256 = entry.module.trim_start_matches("sha256:").to_string();
-                    wasm["code"] = json!({
-                        "type": "HTTP",
-                        "http": {"url": format!("{}/wasm/{sha256}.wasm", base_url.trim_end_matches('/')), "sha256": sha256}
-                    });
+                    let mut url = format!("{}/wasm/{sha256}.wasm", base_url.trim_end_matches('/'));
+                    if entry.private {
+                        let token = url_token(&namespace, &entry.module).ok_or_else(|| RenderError::NoUrlKey {
+                            policy: policy.clone(),
+                            index,
+                            image: image.clone(),
+                        })?;
+                        url.push_str(&format!("?namespace={namespace}&token={token}"));
+                    }
+                    wasm["code"] = json!({"type": "HTTP", "http": {"url": url, "sha256": sha256}});
                 }
             }
         }

@@ -11,7 +11,7 @@ use crate::artifact::{digest_hex, OCI_MANIFEST};
 use crate::cache::{Cache, Entry};
 use crate::pull::parse_reference;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -22,75 +22,11 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
-use sha2::{Digest, Sha256};
-use std::collections::HashMap;
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-/// Asks the upstream registry whether `auth` may read `reference`.
-pub type AccessCheck =
-    Arc<dyn Fn(String, RegistryAuth) -> Pin<Box<dyn Future<Output = Result<bool, String>> + Send>> + Send + Sync>;
-
-#[derive(Clone, Copy)]
-struct Grant {
-    allowed: bool,
-    checked: Instant,
-}
-
-/// Remembered answers to "may these credentials read this repository?".
-pub struct Permissions {
-    ttl: Duration,
-    check: AccessCheck,
-    grants: Mutex<HashMap<(String, [u8; 32]), Grant>>,
-}
-
-impl Permissions {
-    pub fn new(ttl: Duration, check: AccessCheck) -> Self {
-        Self { ttl, check, grants: Mutex::new(HashMap::new()) }
-    }
-
-    /// Whether `auth` may read `entry`. Fresh answers come from memory; stale ones are asked
-    /// again, and kept if the upstream cannot be asked.
-    pub async fn allows(&self, entry: &Entry, auth: Option<RegistryAuth>) -> bool {
-        if !entry.private {
-            return true;
-        }
-        let Some(auth) = auth else { return false };
-        let key = (repository_of(&entry.reference), credential_hash(&auth));
-        let known = self.grants.lock().ok().and_then(|g| g.get(&key).copied());
-        if let Some(g) = known.filter(|g| g.checked.elapsed() < self.ttl) {
-            return g.allowed;
-        }
-        match (self.check)(entry.reference.clone(), auth).await {
-            Ok(allowed) => {
-                if let Ok(mut g) = self.grants.lock() {
-                    g.insert(key, Grant { allowed, checked: Instant::now() });
-                }
-                allowed
-            }
-            // A transient failure never replaces a known answer.
-            Err(e) => {
-                tracing::warn!(error = %e, reference = %entry.reference, "access check failed; using the last answer");
-                known.is_some_and(|g| g.allowed)
-            }
-        }
-    }
-}
-
-fn credential_hash(auth: &RegistryAuth) -> [u8; 32] {
-    let text = match auth {
-        RegistryAuth::Anonymous => String::new(),
-        RegistryAuth::Basic(u, p) => format!("basic\0{u}\0{p}"),
-        RegistryAuth::Bearer(t) => format!("bearer\0{t}"),
-    };
-    Sha256::digest(text.as_bytes()).into()
-}
-
-fn repository_of(reference: &str) -> String {
-    parse_reference(reference).map(|r| format!("{}/{}", r.registry(), r.repository())).unwrap_or_default()
-}
+pub use crate::permissions::{AccessCheck, Permissions};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 struct ServedLabels {
@@ -112,6 +48,12 @@ impl AppState {
         let served = Family::<ServedLabels, Counter>::default();
         registry.register("requests", "Requests served, by kind and outcome", served.clone());
         Arc::new(Self { cache, permissions, ready: true.into(), served, registry })
+    }
+
+    /// Re-checks permission answers in the background for as long as the task runs.
+    pub fn spawn_permission_refresher(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let state = Arc::clone(self);
+        tokio::spawn(async move { state.permissions.refresh_forever().await })
     }
 
     fn count(&self, kind: &'static str, outcome: &'static str) {
@@ -226,10 +168,10 @@ async fn distribution(
         }
         let mut visible = vec![];
         for (e, tag) in entries_for(&s.cache, name) {
-            if let Some(tag) = tag {
-                if s.permissions.allows(&e, auth.clone()).await {
-                    visible.push(tag);
-                }
+            // A signed entry's cosign signature is listed under `sha256-<hex>.sig`, as cosign stores it.
+            let sig_tag = e.signature.as_ref().and_then(|_| crate::sign::signature_tag(&e.manifest).ok());
+            if (tag.is_some() || sig_tag.is_some()) && s.permissions.allows(&e, auth.clone()).await {
+                visible.extend(tag.into_iter().chain(sig_tag));
             }
         }
         visible.sort();
@@ -255,11 +197,17 @@ async fn distribution(
             .into_iter()
             .map(|(e, _)| e)
             .find(|e| e.manifest == reference || e.signature.as_deref() == Some(reference)),
-        "manifest" => candidates.into_iter().find(|(_, t)| t.as_deref() == Some(reference)).map(|(e, _)| e),
+        "manifest" => match crate::sign::digest_of_signature_tag(reference) {
+            Some(signed) => {
+                candidates.into_iter().map(|(e, _)| e).find(|e| e.manifest == signed && e.signature.is_some())
+            }
+            None => candidates.into_iter().find(|(_, t)| t.as_deref() == Some(reference)).map(|(e, _)| e),
+        },
         _ => candidates.into_iter().map(|(e, _)| e).find(|e| {
             e.module == reference
                 || e.config == reference
                 || e.manifest == reference
+                || e.signature.as_deref() == Some(reference)
                 || e.extra_blobs.iter().any(|b| b == reference)
         }),
     };
@@ -278,7 +226,9 @@ async fn distribution(
             oci_error(StatusCode::NOT_FOUND, unknown, "not in the cache")
         };
     }
-    let digest = if kind == "manifest" && !reference.starts_with("sha256:") {
+    let digest = if kind == "manifest" && crate::sign::digest_of_signature_tag(reference).is_some() {
+        entry.signature.clone().unwrap_or_default()
+    } else if kind == "manifest" && !reference.starts_with("sha256:") {
         entry.manifest.clone()
     } else {
         reference.to_string()
@@ -302,8 +252,21 @@ async fn distribution(
     }
 }
 
-/// `GET /wasm/<sha256>.wasm`, for `type: HTTP` code sources pinned by sha256.
-async fn wasm_file(State(s): State<Arc<AppState>>, headers: HeaderMap, Path(file): Path<String>) -> Response {
+#[derive(serde::Deserialize)]
+struct WasmQuery {
+    namespace: Option<String>,
+    token: Option<String>,
+}
+
+/// `GET /wasm/<sha256>.wasm`, for `type: HTTP` code sources pinned by sha256. Envoy fetches
+/// these without credentials, so a private module needs `?namespace=N&token=T`: a token the
+/// cache issued for N (see `render`), while N's pull secret still reads the image.
+async fn wasm_file(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(file): Path<String>,
+    Query(query): Query<WasmQuery>,
+) -> Response {
     let Some(hex) = file.strip_suffix(".wasm") else {
         return (StatusCode::NOT_FOUND, "not found").into_response();
     };
@@ -312,10 +275,18 @@ async fn wasm_file(State(s): State<Arc<AppState>>, headers: HeaderMap, Path(file
         return (StatusCode::NOT_FOUND, "not found").into_response();
     }
     let entries = s.cache.by_module(&digest);
+    let by_token: Option<&str> = match (&query.namespace, &query.token) {
+        (Some(ns), Some(token)) if s.permissions.token_valid(ns, &digest, token) => Some(ns),
+        _ => None,
+    };
     let auth = basic_auth(&headers);
     let mut allowed = None;
     for e in &entries {
-        if s.permissions.allows(e, auth.clone()).await {
+        let granted = match by_token {
+            Some(ns) => !e.private || s.permissions.namespace_allows(ns, &e.reference),
+            None => s.permissions.allows(e, auth.clone()).await,
+        };
+        if granted {
             allowed = Some(e.clone());
             break;
         }

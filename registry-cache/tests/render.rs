@@ -55,14 +55,21 @@ fn rewrites_images_to_pinned_http_sources_that_validate() {
         module: module(),
     };
     let entry = publish::publish(&cache, &pulled, true).expect("publish");
-    let out = render(POLICY, "http://registry-cache.system.svc:5000", |r| cache.lookup(r)).expect("render");
+    // A private module needs a URL token for the policy's namespace.
+    let err = render(POLICY, "http://c:5000", |r| cache.lookup(r), |_, _| None).expect_err("no URL key");
+    assert!(matches!(err, RenderError::NoUrlKey { .. }), "{err}");
+    let token = |ns: &str, module: &str| Some(format!("t-{ns}-{}", &module[7..15]));
+    let out = render(POLICY, "http://registry-cache.system.svc:5000", |r| cache.lookup(r), token).expect("render");
     let docs = yaml_docs_str(&out).expect("yaml");
     assert_eq!(docs.len(), 2);
     let code = &docs[0]["spec"]["wasm"][0]["code"];
     let sha = entry.module.trim_start_matches("sha256:");
     assert_eq!(code["type"], "HTTP");
     assert_eq!(code["http"]["sha256"], sha);
-    assert_eq!(code["http"]["url"], format!("http://registry-cache.system.svc:5000/wasm/{sha}.wasm"));
+    assert_eq!(
+        code["http"]["url"],
+        format!("http://registry-cache.system.svc:5000/wasm/{sha}.wasm?namespace=shop&token=t-shop-{}", &sha[..8])
+    );
     assert!(code.get("image").is_none() && code.get("pullPolicy").is_none());
     assert_eq!(docs[0]["spec"]["wasm"][0]["config"]["endpointOverride"], serde_json::json!({}));
     assert_eq!(docs[1]["data"]["key"], "value", "other documents pass through");
@@ -74,7 +81,7 @@ fn rewrites_images_to_pinned_http_sources_that_validate() {
 fn an_image_that_is_not_cached_is_an_error_naming_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cache = Cache::open(dir.path(), 1 << 30).expect("cache");
-    let err = render(POLICY, "http://c:5000", |r| cache.lookup(r)).expect_err("nothing is cached");
+    let err = render(POLICY, "http://c:5000", |r| cache.lookup(r), |_, _| None).expect_err("nothing is cached");
     assert!(
         matches!(&err, RenderError::NotCached { image, .. } if image == "registry.example:5000/filters/churn-guard:v1")
     );

@@ -1,0 +1,118 @@
+//! `serve` as a library: the cache, its permission layer, the policy sources that pre-pull, and
+//! the HTTP server, wired together. The binary and the demo run the same code.
+
+use crate::cache::Cache;
+use crate::permissions::{AccessCheck, Permissions};
+use crate::pull::{PullOptions, Puller};
+use crate::server::{self, AppState};
+use crate::sign::{self, Signer};
+use crate::sources::{self, AccessEvent, Prefetcher};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+pub struct ServiceOptions {
+    pub cache_dir: PathBuf,
+    pub max_cache_bytes: u64,
+    /// How long an upstream answer about a client's access holds before it is re-checked.
+    pub permission_ttl: Duration,
+    pub pull: PullOptions,
+    pub settings: sources::config::Settings,
+    /// Signs every artifact as it is cached.
+    pub signer: Option<Signer>,
+    /// Signs `/wasm` URLs of private modules (see `permissions`); empty: no such URLs.
+    pub url_key: Vec<u8>,
+}
+
+/// A running cache. Its background tasks stop when it is dropped.
+pub struct Service {
+    pub state: Arc<AppState>,
+    pub prefetcher: Option<Prefetcher>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Service {
+    /// Opens the cache and starts the sources; `/readyz` says ready once their initial sync is
+    /// pre-pulled.
+    pub async fn start(options: ServiceOptions) -> anyhow::Result<Self> {
+        let cache = Arc::new(Cache::open(&options.cache_dir, options.max_cache_bytes)?);
+        let mut tasks = vec![];
+        if let Some(signer) = options.signer.clone() {
+            // What an earlier run cached without a key; new artifacts are signed as they come.
+            let (c, s) = (Arc::clone(&cache), signer);
+            tasks.push(tokio::spawn(async move {
+                let signed = tokio::task::spawn_blocking(move || s.sign_unsigned(&c)).await.unwrap_or_default();
+                for reference in signed {
+                    tracing::info!(%reference, "signed");
+                }
+            }));
+        }
+        let puller = Arc::new(Puller::new(options.pull));
+        let check: AccessCheck = {
+            let puller = Arc::clone(&puller);
+            Arc::new(move |reference, auth| {
+                let puller = Arc::clone(&puller);
+                Box::pin(async move { puller.can_read(&reference, &auth).await })
+            })
+        };
+        let permissions = Permissions::with_url_key(options.permission_ttl, check, options.url_key);
+        let state = AppState::new(Arc::clone(&cache), permissions);
+        tasks.push(state.spawn_permission_refresher());
+        let fetcher = Arc::new(sources::RegistryFetcher::new(puller, cache).signing(options.signer));
+        let hook_state = Arc::downgrade(&state);
+        let hook: sources::AccessHook = Arc::new(move |event| {
+            let Some(s) = hook_state.upgrade() else { return };
+            match event {
+                AccessEvent::Checked { namespace, image, auth, allowed } => {
+                    s.permissions.record(image, auth, allowed);
+                    if let (Some(namespace), true) = (namespace, allowed) {
+                        s.permissions.bind_namespace(namespace, image, auth);
+                    }
+                }
+                AccessEvent::Released { namespace, image } => s.permissions.unbind_namespace(namespace, image),
+            }
+        });
+        let prefetcher = sources::start(&options.settings, fetcher, hook).await?;
+        if let Some(prefetcher) = &prefetcher {
+            state.ready.store(false, Ordering::Relaxed);
+            let (state, prefetcher) = (Arc::clone(&state), prefetcher.clone());
+            tasks.push(tokio::spawn(async move {
+                prefetcher.wait_ready().await;
+                state.ready.store(true, Ordering::Relaxed);
+            }));
+        }
+        Ok(Self { state, prefetcher, tasks })
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        server::serve(listener, server::router(Arc::clone(&self.state)), shutdown).await
+    }
+
+    /// Waits until `/readyz` would say ready.
+    pub async fn wait_ready(&self) {
+        if let Some(p) = &self.prefetcher {
+            p.wait_ready().await;
+        }
+    }
+
+    /// Verifies the cached signature of `reference`.
+    pub fn verify(&self, reference: &str, keys: &[sign::PublicKey]) -> Result<crate::cache::Entry, sign::SignError> {
+        sign::verify_entry(&self.state.cache, reference, keys)
+    }
+}
