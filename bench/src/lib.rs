@@ -4,8 +4,12 @@
 
 pub mod blackhole;
 pub mod control_plane;
+pub mod delivery;
+pub mod demo;
+pub mod gateway_examples;
 pub mod load;
 pub mod pods;
+pub mod registry_bench;
 pub mod report;
 pub mod scenario;
 pub mod service;

@@ -1,5 +1,6 @@
 //! `churn-lab`: the demo and the benchmarks.
 
+use churn_lab::demo::{self, DemoOptions};
 use churn_lab::pods::{RolloutSpec, Termination};
 use churn_lab::report::{self, Summary};
 use churn_lab::scenario::{self, Load, RunResult, Scenario};
@@ -35,6 +36,15 @@ enum Command {
         out: PathBuf,
         #[arg(long, value_delimiter = ',', value_enum, default_value = "s1,s2,s3")]
         scenarios: Vec<ScenarioName>,
+    },
+    /// registry-cache: permission answer latency, blob throughput against docker-registry,
+    /// pre-pull wall time.
+    RegistryBench {
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+        /// Seconds of load per blob size and server.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
     },
     /// One scenario with chosen configurations and parameters.
     Run {
@@ -211,26 +221,26 @@ fn today() -> String {
 }
 
 async fn demo(pods: usize, lag: u64, rate: u32, out: &Path) -> anyhow::Result<()> {
-    let mut scenario = s1();
-    scenario.name = "demo".into();
-    scenario.replicas = pods;
-    scenario.rollout =
-        Some(RolloutSpec { readiness_delay: Duration::from_secs(2), ..rollout(pods, Termination::Graceful) });
-    scenario.lag = Duration::from_secs(lag);
-    scenario.load = Load::Open { rate };
-    scenario.warmup = Duration::from_secs(5);
-    scenario.settle = Duration::from_secs(3);
-    say(&format!(
-        "churn-guard demo: {pods} pods on loopback behind Envoy, rolling restart (25% surge, 25% unavailable), \
-         control plane {lag}s late, {rate} requests/s"
-    ));
-    let results = run_all(&scenario, &[Variant::Plain, Variant::ChurnGuardFallback]).await?;
-    let summaries: Vec<Summary> = results.iter().map(report::summarize).collect();
+    let options = DemoOptions { pods, lag: Duration::from_secs(lag), rate };
+    say("churn-guard demo: everything on loopback, no cluster");
+    let outcome = demo::run(&options, &say).await?;
+    let summaries: Vec<Summary> = outcome.results.iter().map(report::summarize).collect();
     std::fs::create_dir_all(out)?;
     let chart = out.join("chart.svg");
-    std::fs::write(&chart, report::svg("Rolling restart behind Envoy: without and with churn-guard", &results))?;
+    std::fs::write(
+        &chart,
+        report::svg("Rolling restart behind Envoy: without and with churn-guard", &outcome.results),
+    )?;
+    std::fs::write(out.join("rendered-policy.yaml"), &outcome.delivery.rendered_policy)?;
+    let d = &outcome.delivery;
+    println!(
+        "\nfilter image {} (manifest {}), served by registry-cache as sha256 {}: fetched by Envoy {} times, \
+         signature verified: {}",
+        d.image, d.manifest_digest, d.module_sha256, outcome.modules_served, d.signature_verified
+    );
     println!("\n{}", report::table(&summaries));
     println!("chart: {}", chart.display());
+    println!("rendered policy: {}", out.join("rendered-policy.yaml").display());
     Ok(())
 }
 
@@ -282,6 +292,19 @@ async fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Demo { pods, lag, rate, out } => demo(pods, lag, rate, &out).await,
             Command::Bench { out, scenarios } => bench(&out, &scenarios).await,
+            Command::RegistryBench { out, seconds } => {
+                let mut md = churn_lab::registry_bench::run(seconds).await?;
+                md.push_str(&format!(
+                    "\nProduced by `make bench` (churn-lab registry-bench --seconds {seconds}) on {} (UTC date {}).\n\nMachine: {}\n",
+                    hostname(),
+                    today(),
+                    machine()
+                ));
+                std::fs::create_dir_all(&out)?;
+                std::fs::write(out.join("registry-cache.md"), &md)?;
+                print!("{md}");
+                Ok(())
+            }
             Command::Run { scenario, variants, pods, lag, rate, concurrency, termination, out } => {
                 let mut s = match scenario {
                     ScenarioName::S1 => s1(),
@@ -320,12 +343,11 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     };
-    // Ctrl-C drops everything in flight: Envoy, pods and iptables rules go with it.
+    // Ctrl-C drops everything in flight: Envoy, the registry, pods and iptables rules go with it.
     tokio::select! {
-        result = work => result,
-        _ = tokio::signal::ctrl_c() => {
-            eprintln!("interrupted; stopping Envoy and the pods");
-            Ok(())
-        }
+        result = work => return result,
+        _ = tokio::signal::ctrl_c() => {}
     }
+    eprintln!("interrupted; Envoy, the registry and the pods are stopped");
+    std::process::exit(130)
 }

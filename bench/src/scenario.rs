@@ -6,7 +6,7 @@ use crate::load::{self, Recorder, Second};
 use crate::pods::{Deployment, RolloutSpec, Termination};
 use crate::service::ServiceProxy;
 use crate::variants::Variant;
-use harness::gateway::PRIMARY;
+use harness::gateway::{FilterSpec, GatewaySpec, PRIMARY};
 use harness::Lab;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -67,17 +67,40 @@ fn cpu_us(pid: u32) -> Option<f64> {
 pub type Progress<'a> = &'a (dyn Fn(&str) + Sync);
 
 pub async fn run(scenario: &Scenario, variant: Variant, progress: Progress<'_>) -> anyhow::Result<RunResult> {
+    run_with(scenario, variant, None, progress).await
+}
+
+/// A gateway configured from outside the lab, as Envoy Gateway would configure it from a set of
+/// resources, with the filter loaded from where they say.
+#[derive(Debug, Clone)]
+pub struct Configured {
+    pub spec: GatewaySpec,
+    pub filter: FilterSpec,
+}
+
+/// As `run`, with the gateway `configured` instead of the variant's own set-up; the variant
+/// only names the run.
+pub async fn run_with(
+    scenario: &Scenario,
+    variant: Variant,
+    configured: Option<&Configured>,
+    progress: Progress<'_>,
+) -> anyhow::Result<RunResult> {
     let mut deployment = Deployment::start(scenario.replicas, scenario.termination).await?;
+    let filter_config = variant.filter_config(scenario.per_try_timeout);
+    let mut spec = match configured {
+        Some(c) => c.spec.clone(),
+        None => variant.spec(scenario.per_try_timeout),
+    };
+    spec.connect_timeout = scenario.connect_timeout;
     let service =
-        if variant.needs_service() { Some(ServiceProxy::start(deployment.endpoints.clone()).await?) } else { None };
+        if spec.fallback.is_some() { Some(ServiceProxy::start(deployment.endpoints.clone()).await?) } else { None };
     let ready = deployment.ready_addrs(Instant::now());
     let fallback: Vec<_> = service.iter().map(|s| s.addr).collect();
-    let filter_config = variant.filter_config(scenario.per_try_timeout);
-    let mut spec = variant.spec(scenario.per_try_timeout);
-    spec.connect_timeout = scenario.connect_timeout;
-    let lab = match variant.module() {
-        Some(module) => Lab::start_with_module(spec, &std::fs::read(&module)?, "{}", &ready, &fallback).await?,
-        None => Lab::start(spec, filter_config.as_deref(), &ready, &fallback).await?,
+    let lab = match (configured, variant.module()) {
+        (Some(c), _) => Lab::start_with_filter(spec, c.filter.clone(), &ready, &fallback).await?,
+        (None, Some(module)) => Lab::start_with_module(spec, &std::fs::read(&module)?, "{}", &ready, &fallback).await?,
+        (None, None) => Lab::start(spec, filter_config.as_deref(), &ready, &fallback).await?,
     };
     let _control_plane =
         ControlPlane::start(lab.xds.dir.clone(), PRIMARY, deployment.endpoints.clone(), scenario.lag, scenario.batch);

@@ -71,10 +71,6 @@ impl Variant {
             .then(|| harness::envoy::workspace_root().join("target/wasm32-wasip1/release/wasm_noop.wasm"))
     }
 
-    pub fn needs_service(self) -> bool {
-        self == Variant::ChurnGuardFallback
-    }
-
     pub fn spec(self, per_try_timeout: Option<std::time::Duration>) -> GatewaySpec {
         let mut spec = GatewaySpec { expose_response_flags: true, ..GatewaySpec::default() };
         match self {

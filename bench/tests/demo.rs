@@ -1,41 +1,33 @@
-//! A shortened S1 (few pods, short control-plane lag) in the test suite: the rolling restart
-//! hurts plain Envoy Gateway, and churn-guard fails fewer requests. No timing assertions.
+//! The demo's pipeline, reduced (few pods, short lag): the filter reaches Envoy through
+//! registry-cache from a private registry, and it cuts the failures of a rolling restart.
+//! No timing assertions.
 
-use churn_lab::pods::{RolloutSpec, Termination};
+use churn_lab::demo::{run, DemoOptions};
 use churn_lab::report::summarize;
-use churn_lab::scenario::{run, Load, Scenario};
-use churn_lab::variants::Variant;
 use std::time::Duration;
 
-fn short_s1() -> Scenario {
-    Scenario {
-        name: "S1-short".into(),
-        replicas: 8,
-        termination: Termination::Graceful,
-        rollout: Some(RolloutSpec {
-            replicas: 8,
-            max_surge: 0.25,
-            max_unavailable: 0.25,
-            readiness_delay: Duration::from_secs(1),
-            termination: Termination::Graceful,
-        }),
-        lag: Duration::from_secs(4),
-        batch: Duration::from_secs(1),
-        load: Load::Open { rate: 100 },
-        warmup: Duration::from_secs(3),
-        settle: Duration::from_secs(1),
-        steady_for: Duration::ZERO,
-        per_try_timeout: None,
-        connect_timeout: None,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn churn_guard_fails_fewer_requests_than_plain_during_a_rolling_restart() -> anyhow::Result<()> {
-    let scenario = short_s1();
+async fn the_filter_comes_from_the_cache_and_fails_fewer_requests_than_plain() -> anyhow::Result<()> {
+    let options = DemoOptions { pods: 8, lag: Duration::from_secs(4), rate: 100 };
     let quiet = |_: &str| {};
-    let plain = summarize(&run(&scenario, Variant::Plain, &quiet).await?);
-    let guarded = summarize(&run(&scenario, Variant::ChurnGuardFallback, &quiet).await?);
+    let outcome = run(&options, &quiet).await?;
+    let module = harness::wasm_module()?;
+
+    let d = &outcome.delivery;
+    assert_eq!(d.module_sha256, harness::sha256_hex(&module), "the policy must pin the module that was built");
+    assert!(
+        d.configured.filter.source.url.starts_with(&format!("http://{}/wasm/{}.wasm?", d.cache_addr, d.module_sha256)),
+        "Envoy must fetch the module from the cache: {}",
+        d.configured.filter.source.url
+    );
+    assert!(d.signature_verified, "the cached artifact must carry a valid signature");
+    let schemas = harness::crds::schemas()?;
+    for doc in harness::crds::yaml_docs_str(&d.rendered_policy)? {
+        assert_eq!(harness::crds::validate(&schemas, &doc), Ok(true), "the rendered policy must validate");
+    }
+    assert!(outcome.modules_served >= 1, "Envoy never fetched the module from the cache");
+
+    let [plain, guarded] = [&outcome.results[0], &outcome.results[1]].map(summarize);
     eprintln!(
         "plain: {} of {} failed; churn-guard: {} of {} failed",
         plain.failed, plain.sent, guarded.failed, guarded.sent

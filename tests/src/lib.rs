@@ -5,6 +5,7 @@
 pub mod crds;
 pub mod envoy;
 pub mod gateway;
+pub mod registry;
 pub mod upstream;
 
 use anyhow::Context as _;
@@ -73,6 +74,18 @@ impl Lab {
         fallback: &[SocketAddr],
     ) -> anyhow::Result<Self> {
         Self::start_inner(spec, Some((module.to_vec(), config)), primary, fallback).await
+    }
+
+    /// Starts Envoy for `spec` loading the filter from wherever `filter.source` says, e.g. a
+    /// registry-cache serving it by sha256.
+    pub async fn start_with_filter(
+        mut spec: GatewaySpec,
+        filter: FilterSpec,
+        primary: &[SocketAddr],
+        fallback: &[SocketAddr],
+    ) -> anyhow::Result<Self> {
+        spec.filter = Some(filter);
+        Self::start_inner(spec, None, primary, fallback).await
     }
 
     async fn start_inner(
