@@ -107,20 +107,22 @@ impl Cache {
         let index_path = root.join("index.json");
         let index: Index = match fs::read(&index_path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "cache index unreadable; starting empty (blobs are kept)");
+                tracing::warn!(error = %e, "cache index unreadable; starting empty (artifacts are pulled again)");
                 Index::default()
             }),
             Err(_) => Index::default(),
         };
         let cache = Self { root: root.to_path_buf(), max_bytes, index: Mutex::new(index) };
         let entries: Vec<Entry> = cache.entries();
+        let intact = |digest: &String| matches!(cache.get_blob(digest), Ok(Some(_)));
         for e in entries {
-            for digest in [&e.module, &e.manifest, &e.config] {
-                if !matches!(cache.get_blob(digest), Ok(Some(_))) {
-                    tracing::warn!(reference = %e.reference, %digest, "dropping cache entry with a missing or corrupt blob");
-                    cache.remove(&e.reference)?;
-                    break;
-                }
+            if let Some(digest) = [&e.module, &e.manifest, &e.config].into_iter().find(|d| !intact(d)) {
+                tracing::warn!(reference = %e.reference, %digest, "dropping cache entry with a missing or corrupt blob");
+                cache.remove(&e.reference)?;
+            } else if e.signature.iter().chain(&e.extra_blobs).any(|d| !intact(d)) {
+                // The artifact is sound; only its signature is not. Unsigned, it is signed again.
+                tracing::warn!(reference = %e.reference, "dropping a signature with a missing or corrupt blob");
+                cache.set_signature(&e.reference, None, vec![])?;
             }
         }
         cache.sweep()?;
@@ -339,6 +341,24 @@ mod tests {
         assert!(c.lookup("r/good:1").is_some());
         assert!(c.lookup("r/bad:1").is_none(), "a corrupt module must not be served after restart");
         assert!(!dir.path().join("tmp/half-written").exists());
+    }
+
+    #[test]
+    fn a_signature_with_a_lost_blob_is_dropped_and_the_artifact_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let sig_payload;
+        {
+            let c = Cache::open(dir.path(), 1 << 30).unwrap();
+            let m = c.put_blob(b"signed module").unwrap();
+            c.record(entry("r/signed:1", &m, 13, 1, &c)).unwrap();
+            let sig = c.put_blob(b"signature manifest").unwrap();
+            sig_payload = c.put_blob(b"signature payload").unwrap();
+            c.set_signature("r/signed:1", Some(sig), vec![sig_payload.clone()]).unwrap();
+        }
+        fs::remove_file(dir.path().join("blobs/sha256").join(digest_hex(&sig_payload).unwrap())).unwrap();
+        let c = Cache::open(dir.path(), 1 << 30).unwrap();
+        let e = c.lookup("r/signed:1").expect("the artifact itself is intact");
+        assert_eq!((e.signature, e.extra_blobs), (None, vec![]));
     }
 
     #[test]
