@@ -413,14 +413,22 @@ fn args_use_mounted_paths() -> anyhow::Result<()> {
     let storage = storage.unwrap_or_default().get("storage").map(|q| quantity_bytes(&q.0)).unwrap_or_default();
     assert!(max.parse::<u64>()? < storage, "--max-cache-bytes {max} does not fit the {storage}-byte PVC");
 
-    let key = flag(&args, "--signing-key").expect("--signing-key");
-    let key_mount = mount_of(key).expect("signing key mount");
-    assert_eq!(key_mount.read_only, Some(true), "the signing key must be mounted read-only");
-    let secret = volume(&key_mount.name).secret.expect("--signing-key is not on a Secret volume");
-    let file = key.strip_prefix(&format!("{}/", key_mount.mount_path)).expect("key file under its mount");
-    let items = secret.items.clone().unwrap_or_default();
-    let secret_key = items.iter().find(|i| i.path == file).map_or(file, |i| i.key.as_str());
-    assert_ne!(secret.optional, Some(true), "without the key the pod must not start");
+    // Both keys come from the one Secret, mounted read-only, and the pod needs it to start.
+    let mut secret_keys = vec![];
+    let mut secrets = vec![];
+    for option in ["--signing-key", "--url-key"] {
+        let key = flag(&args, option).unwrap_or_else(|| panic!("{option}"));
+        let key_mount = mount_of(key).unwrap_or_else(|| panic!("{option} mount"));
+        assert_eq!(key_mount.read_only, Some(true), "{option} must be mounted read-only");
+        let secret = volume(&key_mount.name).secret.unwrap_or_else(|| panic!("{option} is not on a Secret volume"));
+        let file = key.strip_prefix(&format!("{}/", key_mount.mount_path)).expect("key file under its mount");
+        let items = secret.items.clone().unwrap_or_default();
+        secret_keys.push(items.iter().find(|i| i.path == file).map_or(file, |i| i.key.as_str()).to_string());
+        assert_ne!(secret.optional, Some(true), "without the key the pod must not start");
+        secrets.push(secret);
+    }
+    let secret = secrets.remove(0);
+    assert!(secrets.iter().all(|s| s.secret_name == secret.secret_name), "the keys come from one Secret");
     // Extra keys read from Secrets (the password of an encrypted cosign key) come from the same
     // Secret, and are optional.
     for env in c.env.iter().flatten() {
@@ -437,14 +445,14 @@ fn args_use_mounted_paths() -> anyhow::Result<()> {
     let example: Secret = typed(&docs[0]).map_err(|e| anyhow::anyhow!("{}:\n{e}", example.display()))?;
     assert_eq!(example.metadata.name, secret.secret_name);
     assert_eq!(example.metadata.namespace.as_deref(), Some(NAMESPACE));
-    assert!(
-        example.string_data.unwrap_or_default().contains_key(secret_key),
-        "example Secret lacks the key {secret_key}"
-    );
+    let string_data = example.string_data.unwrap_or_default();
     let readme = std::fs::read_to_string(deploy_dir().join("README.md"))?;
     let name = secret.secret_name.unwrap_or_default();
     assert!(readme.contains(&format!("create secret generic {name}")), "README does not say how to create {name}");
-    assert!(readme.contains(&format!("--from-file={secret_key}=")), "README does not name the key {secret_key}");
+    for secret_key in &secret_keys {
+        assert!(string_data.contains_key(secret_key), "example Secret lacks the key {secret_key}");
+        assert!(readme.contains(&format!("--from-file={secret_key}=")), "README does not name the key {secret_key}");
+    }
     Ok(())
 }
 
