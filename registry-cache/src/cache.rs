@@ -72,6 +72,8 @@ pub struct Cache {
     root: PathBuf,
     max_bytes: u64,
     index: Mutex<Index>,
+    /// Opened to read what another process writes: corrupt blobs are reported, not deleted.
+    read_only: bool,
 }
 
 pub fn now_secs() -> u64 {
@@ -112,7 +114,7 @@ impl Cache {
             }),
             Err(_) => Index::default(),
         };
-        let cache = Self { root: root.to_path_buf(), max_bytes, index: Mutex::new(index) };
+        let cache = Self { root: root.to_path_buf(), max_bytes, index: Mutex::new(index), read_only: false };
         let entries: Vec<Entry> = cache.entries();
         let intact = |digest: &String| matches!(cache.get_blob(digest), Ok(Some(_)));
         for e in entries {
@@ -129,21 +131,39 @@ impl Cache {
         Ok(cache)
     }
 
+    /// Opens a cache another process may be writing (`serve`), to read it: no clean-up, no
+    /// sweep, nothing written. Blobs are still verified as they are read.
+    pub fn open_read_only(root: &Path) -> Result<Self, CacheError> {
+        let index_path = root.join("index.json");
+        let bytes = fs::read(&index_path).map_err(io(&index_path))?;
+        let index: Index = serde_json::from_slice(&bytes)
+            .map_err(|e| CacheError::Io { path: index_path, source: std::io::Error::other(e) })?;
+        Ok(Self { root: root.to_path_buf(), max_bytes: u64::MAX, index: Mutex::new(index), read_only: true })
+    }
+
     fn blob_path(&self, digest: &str) -> Result<PathBuf, CacheError> {
         Ok(self.root.join("blobs/sha256").join(digest_hex(digest)?))
     }
 
     fn write_atomically(&self, dest: &Path, bytes: &[u8]) -> Result<(), CacheError> {
+        // One temp file per write: two threads storing the same blob (every entry shares the
+        // `{}` config) must not write into, or rename away, each other's file.
+        static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let tmp = self.root.join("tmp").join(format!(
-            "{}.{}",
+            "{}.{}.{}",
             dest.file_name().and_then(|n| n.to_str()).unwrap_or("blob"),
-            std::process::id()
+            std::process::id(),
+            SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
-        let mut f = File::create(&tmp).map_err(io(&tmp))?;
-        f.write_all(bytes).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        drop(f);
-        fs::rename(&tmp, dest).map_err(io(dest))?;
+        let written = File::create(&tmp).map_err(io(&tmp)).and_then(|mut f| {
+            f.write_all(bytes).map_err(io(&tmp))?;
+            f.sync_all().map_err(io(&tmp))
+        });
+        if let Err(e) = written.and_then(|()| fs::rename(&tmp, dest).map_err(io(dest))) {
+            // A full disk must not stay full of our leftovers until the next restart.
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
         if let Some(dir) = dest.parent() {
             fsync_dir(dir)?;
         }
@@ -169,7 +189,9 @@ impl Cache {
             Err(e) => return Err(CacheError::Io { path, source: e }),
         };
         if format!("sha256:{}", sha256_hex(&bytes)) != digest {
-            let _ = fs::remove_file(&path);
+            if !self.read_only {
+                let _ = fs::remove_file(&path);
+            }
             return Err(CacheError::Corrupt(digest.to_string()));
         }
         Ok(Some(bytes))

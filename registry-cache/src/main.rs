@@ -2,11 +2,12 @@
 
 use clap::{Parser, Subcommand};
 use oci_client::secrets::RegistryAuth;
+use registry_cache::artifact::Format;
 use registry_cache::cache::Cache;
 use registry_cache::pull::{parse_reference, PullOptions, Puller};
 use registry_cache::service::{Service, ServiceOptions};
 use registry_cache::sign::{self, PublicKey, Signer, SigningKey};
-use registry_cache::{auth, publish, render, sources};
+use registry_cache::{auth, package, publish, render, sources};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -81,6 +82,7 @@ impl Upstream {
             extra_ca_pem,
             max_module_bytes: self.max_module_bytes,
             require_signature: load_public_keys(&self.require_signature)?,
+            ..PullOptions::default()
         })
     }
 
@@ -93,6 +95,16 @@ impl Upstream {
         let auths = auth::parse_docker_config(&std::fs::read(path)?)?;
         Ok(auth::for_registry(&auths, parse_reference(image)?.resolve_registry()))
     }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ImageFormat {
+    /// One tar+gzip layer holding plugin.wasm, as `docker build` makes it.
+    Compat,
+    /// solo.io's single `application/vnd.module.wasm.content.layer.v1+wasm` layer.
+    Oci,
+    /// The CNCF Wasm artifact: an `application/wasm` layer.
+    Cncf,
 }
 
 #[derive(Subcommand)]
@@ -108,6 +120,15 @@ enum Command {
         upstream: Upstream,
         #[command(flatten)]
         signing: Signing,
+    },
+    /// Package a Wasm module as an image and push it (what a CI job does before a policy names it).
+    Push {
+        module: PathBuf,
+        image: String,
+        #[arg(long, value_enum, default_value_t = ImageFormat::Compat)]
+        format: ImageFormat,
+        #[command(flatten)]
+        upstream: Upstream,
     },
     /// Sign cached artifacts cosign-style (every entry when no reference is given); the OCI API
     /// serves each signature under `sha256-<hex>.sig`. Run it while no `serve` uses the cache
@@ -188,14 +209,23 @@ async fn main() -> anyhow::Result<()> {
             let auth = upstream.auth_for(&image)?;
             let private = !matches!(auth, RegistryAuth::Anonymous);
             let pulled = upstream.puller()?.pull(&image, &auth).await?;
-            let mut entry = publish::publish(&cache, &pulled, private)?;
-            if let Some(signer) = signer {
-                entry = signer.sign_entry(&cache, &entry.reference)?;
-            }
+            let entry = publish::publish_signed(&cache, &pulled, private, signer.as_ref())?;
             println!(
                 "{} manifest {} module {} ({} bytes, {} format)",
                 entry.reference, entry.upstream_digest, entry.module, entry.size, entry.format
             );
+            Ok(())
+        }
+        Command::Push { module, image, format, upstream } => {
+            let bytes = std::fs::read(&module).map_err(|e| anyhow::anyhow!("{}: {e}", module.display()))?;
+            let format = match format {
+                ImageFormat::Compat => Format::Compat,
+                ImageFormat::Oci => Format::SoloOci,
+                ImageFormat::Cncf => Format::CncfArtifact,
+            };
+            let auth = upstream.auth_for(&image)?;
+            let url = package::push(&image, format, &bytes, &auth, &upstream.insecure_registries).await?;
+            println!("{image} pushed ({} format): {url}", format.name());
             Ok(())
         }
         Command::Sign { cache_dir, key, identity_prefix, references } => {
@@ -210,7 +240,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Verify { cache_dir, key, references } => {
             let keys = load_public_keys(&key)?;
-            let cache = Cache::open(&cache_dir, u64::MAX)?;
+            let cache = Cache::open_read_only(&cache_dir)?;
             let references = cached_references(&cache, &references)?;
             let mut failed = vec![];
             for reference in &references {
@@ -232,7 +262,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Render { policy, cache_dir, base_url, url_key } => {
-            let cache = Cache::open(&cache_dir, u64::MAX)?;
+            let cache = Cache::open_read_only(&cache_dir)?;
             let yaml = std::fs::read_to_string(&policy)?;
             let key = read_url_key(url_key.as_deref())?;
             let token = |ns: &str, module: &str| registry_cache::permissions::url_token(&key, ns, module);

@@ -1,0 +1,127 @@
+//! The binary as an operator uses it, against a real private registry: push a module, let
+//! `serve` pre-pull it from a policy on disk, `render` the policy, and fetch the module the way
+//! Envoy does, by the rendered URL, which works for the policy's namespace only and only while
+//! the policy is there. `verify` runs beside `serve`; SIGTERM stops it.
+
+use harness::registry::DockerRegistry;
+use registry_cache::artifact::sha256_hex;
+use registry_cache::sign::SigningKey;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_registry-cache");
+
+fn module() -> Vec<u8> {
+    let mut m = b"\0asm\x01\0\0\0\0\x0e\x0dcli-test-flow".to_vec();
+    m.extend_from_slice(&[0; 64]);
+    m
+}
+
+async fn run(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN).args(args).output().await.expect("registry-cache");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn policy(image: &str) -> String {
+    format!(
+        "apiVersion: gateway.envoyproxy.io/v1alpha1\nkind: EnvoyExtensionPolicy\nmetadata:\n  name: filter\n  namespace: shop\n\
+         spec:\n  targetRefs:\n    - group: gateway.networking.k8s.io\n      kind: HTTPRoute\n      name: backend\n\
+         \x20 wasm:\n    - name: filter\n      code:\n        type: Image\n        image:\n          url: {image}\n\
+         \x20         pullSecretRef:\n            name: regcred\n"
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_serve_render_fetch_verify_and_stop() {
+    let registry = DockerRegistry::start("cli", "cli-s3cret").await.expect("docker-registry");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (auth, wasm, cache, policies) =
+        (dir.path().join("auth.json"), dir.path().join("m.wasm"), dir.path().join("cache"), dir.path().join("p"));
+    std::fs::write(&auth, registry.docker_config()).expect("auth");
+    std::fs::write(&wasm, module()).expect("module");
+    std::fs::create_dir_all(&policies).expect("policies dir");
+    let addr = registry.addr.to_string();
+    let image = format!("{addr}/filters/cli:v1");
+
+    let (ok, out, err) = run(&["push", s(&wasm), &image, "--auth", s(&auth), "--insecure-registry", &addr]).await;
+    assert!(ok, "push: {err}");
+    assert!(out.contains("compat format"), "{out}");
+
+    let key = SigningKey::generate().expect("key");
+    let (key_file, pub_file, url_key, config) = (
+        dir.path().join("cosign.key"),
+        dir.path().join("cosign.pub"),
+        dir.path().join("url.key"),
+        dir.path().join("config.yaml"),
+    );
+    std::fs::write(&key_file, key.to_pkcs8_pem().expect("pem")).expect("key file");
+    std::fs::write(&pub_file, key.public_key().to_pem()).expect("pub file");
+    std::fs::write(&url_key, [7u8; 32]).expect("url key");
+    std::fs::write(&config, format!("sources:\n  directories: [{}]\n  rescanSeconds: 1\n", s(&policies))).expect("cfg");
+    std::fs::write(policies.join("policy.yaml"), policy(&image)).expect("policy");
+    std::fs::write(policies.join("secret.yaml"), registry.pull_secret("shop", "regcred")).expect("secret");
+
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port");
+    let mut serve = Command::new(BIN)
+        .args(["serve", "--cache-dir", s(&cache), "--listen", &listen.to_string(), "--config", s(&config)])
+        .args(["--signing-key", s(&key_file), "--url-key", s(&url_key), "--insecure-registry", &addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("serve");
+    let base = format!("http://{listen}");
+    let ready = harness::eventually(Duration::from_secs(60), || async {
+        reqwest::get(format!("{base}/readyz")).await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(ready, "serve never became ready");
+
+    // verify reads the cache serve is writing, and the artifact was signed as it was cached.
+    let (ok, out, err) = run(&["verify", "--cache-dir", s(&cache), "--key", s(&pub_file)]).await;
+    assert!(ok && out.contains("verified"), "verify: {out}{err}");
+
+    let policy_file = policies.join("policy.yaml");
+    let (ok, rendered, err) =
+        run(&["render", s(&policy_file), "--cache-dir", s(&cache), "--base-url", &base, "--url-key", s(&url_key)])
+            .await;
+    assert!(ok, "render: {err}");
+    let doc: serde_json::Value = serde_yaml_ng::from_str(rendered.trim_start_matches("---\n")).expect("yaml");
+    let url = doc["spec"]["wasm"][0]["code"]["http"]["url"].as_str().expect("url").to_string();
+    let sha = doc["spec"]["wasm"][0]["code"]["http"]["sha256"].as_str().expect("sha256").to_string();
+    assert_eq!(sha, sha256_hex(&module()));
+    assert!(url.contains("namespace=shop&token="), "{url}");
+
+    let get = |u: String| async move { reqwest::get(u).await.expect("request") };
+    let fetched = get(url.clone()).await;
+    assert_eq!(fetched.status(), 200, "Envoy's fetch of the rendered URL");
+    assert_eq!(sha256_hex(&fetched.bytes().await.expect("body")), sha);
+    let bare = url.split('?').next().unwrap_or_default().to_string();
+    assert_eq!(get(bare.clone()).await.status(), 404, "a private module without a token");
+    assert_eq!(get(url.replace("namespace=shop", "namespace=other")).await.status(), 404, "another namespace");
+    let token = url.rsplit("token=").next().unwrap_or_default().to_string();
+    let forged = format!("{bare}?namespace=shop&token={}", token.chars().rev().collect::<String>());
+    assert_eq!(get(forged).await.status(), 404, "a forged token");
+
+    // The policy goes away: its namespace's URL stops working at the next scan.
+    std::fs::remove_file(&policy_file).expect("remove policy");
+    let revoked = harness::eventually(Duration::from_secs(30), || {
+        let url = url.clone();
+        async move { reqwest::get(url).await.is_ok_and(|r| r.status() == 404) }
+    })
+    .await;
+    assert!(revoked, "the URL still works after the policy was removed");
+
+    let pid = serve.id().expect("pid") as i32;
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let status = tokio::time::timeout(Duration::from_secs(30), serve.wait()).await.expect("serve ignored SIGTERM");
+    assert!(status.expect("wait").success(), "serve should exit cleanly on SIGTERM");
+}
