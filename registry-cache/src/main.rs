@@ -37,6 +37,12 @@ struct Upstream {
     /// that verifies with this public key (PEM, or Secret/ConfigMap with cosign.pub). Repeatable.
     #[arg(long = "require-signature", value_name = "PUB")]
     require_signature: Vec<PathBuf>,
+    /// Fail a pull when the registry sends nothing (no connection, no next bytes) for this long.
+    #[arg(long, default_value_t = 30)]
+    read_timeout_seconds: u64,
+    /// Fail a pull that takes longer than this in all, however steadily bytes come.
+    #[arg(long, default_value_t = 300)]
+    pull_timeout_seconds: u64,
 }
 
 #[derive(clap::Args, Clone)]
@@ -82,7 +88,8 @@ impl Upstream {
             extra_ca_pem,
             max_module_bytes: self.max_module_bytes,
             require_signature: load_public_keys(&self.require_signature)?,
-            ..PullOptions::default()
+            read_timeout: Duration::from_secs(self.read_timeout_seconds.max(1)),
+            pull_timeout: Duration::from_secs(self.pull_timeout_seconds.max(1)),
         })
     }
 

@@ -160,8 +160,12 @@ impl Permissions {
         url_token(&self.url_key, namespace, module)
     }
 
-    /// Checks a URL token, in constant time.
+    /// Checks a URL token, in constant time. Only the form `url_token` issues is accepted
+    /// (the whole MAC in lowercase hex): no other spelling of a token is a second valid URL.
     pub fn token_valid(&self, namespace: &str, module: &str, token: &str) -> bool {
+        if token.len() != 64 || !token.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return false;
+        }
         let (Some(mac), Ok(given)) = (url_mac(&self.url_key, namespace, module), hex::decode(token)) else {
             return false;
         };
@@ -278,6 +282,8 @@ mod tests {
         assert!(!p.token_valid("team-b", &module, &token), "a token is for one namespace");
         assert!(!p.token_valid("team-a", &format!("sha256:{}", "cd".repeat(32)), &token), "and one module");
         assert!(!p.token_valid("team-a", &module, "00"), "forged");
+        assert!(!p.token_valid("team-a", &module, &token.to_uppercase()), "another spelling of a valid token");
+        assert!(!p.token_valid("team-a", &module, &token[..32]), "a truncated MAC");
         let other_key =
             Permissions::with_url_key(Duration::from_secs(60), upstream(answer, Arc::default()), vec![7; 32]);
         assert!(!other_key.token_valid("team-a", &module, &token), "and one key");

@@ -6,12 +6,24 @@
 use crate::artifact::{OCI_MANIFEST, SOLO_WASM_CONFIG, SOLO_WASM_LAYER};
 use crate::cache::{now_secs, Cache, CacheError, Entry};
 use crate::pull::Pulled;
+use crate::sign::Signer;
 use serde_json::json;
 
 pub const SOURCE_ANNOTATION: &str = "org.opencontainers.image.source";
 
 /// Stores the module, a config and a manifest, and records the entry.
 pub fn publish(cache: &Cache, pulled: &Pulled, private: bool) -> Result<Entry, CacheError> {
+    publish_signed(cache, pulled, private, None)
+}
+
+/// As [`publish`], signing the entry with `signer` before it is recorded: the entry appears in
+/// the index with its signature or not at all, whenever the process dies.
+pub fn publish_signed(
+    cache: &Cache,
+    pulled: &Pulled,
+    private: bool,
+    signer: Option<&Signer>,
+) -> Result<Entry, CacheError> {
     let module = cache.put_blob(&pulled.module)?;
     let config_bytes = b"{}".to_vec();
     let config = cache.put_blob(&config_bytes)?;
@@ -19,7 +31,7 @@ pub fn publish(cache: &Cache, pulled: &Pulled, private: bool) -> Result<Entry, C
         manifest(&module, pulled.module.len() as u64, &config, config_bytes.len() as u64, &pulled.reference);
     let manifest = cache.put_blob(&manifest_bytes)?;
     let now = now_secs();
-    let entry = Entry {
+    let mut entry = Entry {
         reference: pulled.reference.clone(),
         upstream_digest: pulled.upstream_digest.clone(),
         module,
@@ -33,6 +45,9 @@ pub fn publish(cache: &Cache, pulled: &Pulled, private: bool) -> Result<Entry, C
         signature: None,
         extra_blobs: vec![],
     };
+    if let Some(signer) = signer {
+        signer.store_signature(cache, &mut entry)?;
+    }
     cache.record(entry.clone())?;
     Ok(entry)
 }

@@ -8,6 +8,22 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
+
+/// An error with its causes: oci-client's errors say "error decoding response body" and keep
+/// the reason (a timeout, a reset connection) in their sources.
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let cause = s.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+        source = s.source();
+    }
+    text
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PullError {
@@ -31,6 +47,11 @@ pub struct PullOptions {
     /// When not empty, an artifact is accepted only with a cosign signature (the upstream's
     /// `sha256-<hex>.sig` tag) of its manifest digest that verifies with one of these keys.
     pub require_signature: Vec<crate::sign::PublicKey>,
+    /// Longest wait for a connection or for the next bytes of a response: a registry that
+    /// stalls mid-transfer fails the pull instead of holding it forever.
+    pub read_timeout: Duration,
+    /// Longest a whole pull may take, however steadily the bytes trickle in.
+    pub pull_timeout: Duration,
 }
 
 impl Default for PullOptions {
@@ -40,6 +61,8 @@ impl Default for PullOptions {
             extra_ca_pem: vec![],
             max_module_bytes: 64 << 20,
             require_signature: vec![],
+            read_timeout: Duration::from_secs(30),
+            pull_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -84,17 +107,30 @@ impl Puller {
                 data: pem.clone(),
             })
             .collect();
-        Client::new(ClientConfig { protocol, extra_root_certificates, ..ClientConfig::default() })
+        Client::new(ClientConfig {
+            protocol,
+            extra_root_certificates,
+            read_timeout: Some(options.read_timeout),
+            connect_timeout: Some(options.read_timeout),
+            ..ClientConfig::default()
+        })
     }
 
     /// Pulls `image` (by tag or digest) and returns its verified module.
     pub async fn pull(&self, image: &str, auth: &RegistryAuth) -> Result<Pulled, PullError> {
+        let limit = self.options.pull_timeout;
+        tokio::time::timeout(limit, self.pull_unbounded(image, auth)).await.unwrap_or_else(|_| {
+            Err(PullError::Registry(format!("pulling {image}: timed out after {}s", limit.as_secs_f32())))
+        })
+    }
+
+    async fn pull_unbounded(&self, image: &str, auth: &RegistryAuth) -> Result<Pulled, PullError> {
         let reference = parse_reference(image)?;
         let client = self.client();
         let (raw, _) = client
             .pull_manifest_raw(&reference, auth, &[OCI_MANIFEST, DOCKER_MANIFEST])
             .await
-            .map_err(|e| PullError::Registry(e.to_string()))?;
+            .map_err(|e| PullError::Registry(describe(&e)))?;
         // The digest is computed here, not taken from the registry's header.
         let upstream_digest = format!("sha256:{}", artifact::sha256_hex(&raw));
         if let Some(pinned) = reference.digest() {
@@ -126,7 +162,7 @@ impl Puller {
             if layer.bytes.len() as u64 > limit {
                 PullError::Artifact(ArtifactError::TooLarge { what: "layer", limit })
             } else {
-                PullError::Registry(e.to_string())
+                PullError::Registry(describe(&e))
             }
         })?;
         artifact::verify_digest(&layer.bytes, &wasm.layer.digest)?;
@@ -223,7 +259,7 @@ impl Puller {
             Ok(_) => Ok(true),
             Err(oci_client::errors::OciDistributionError::AuthenticationFailure(_))
             | Err(oci_client::errors::OciDistributionError::UnauthorizedError { .. }) => Ok(false),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(describe(&e)),
         }
     }
 }

@@ -501,14 +501,23 @@ impl Signer {
     /// Signs the manifest the cache serves for `reference`, stores the signature image's
     /// blobs, and records the signature with the entry.
     pub fn sign_entry(&self, cache: &Cache, reference: &str) -> Result<Entry, SignError> {
-        let entry = cache.lookup(reference).ok_or_else(|| SignError::NotCached(reference.into()))?;
+        let mut entry = cache.lookup(reference).ok_or_else(|| SignError::NotCached(reference.into()))?;
+        self.store_signature(cache, &mut entry)?;
+        cache
+            .set_signature(&entry.reference, entry.signature, entry.extra_blobs)?
+            .ok_or_else(|| SignError::NotCached(reference.into()))
+    }
+
+    /// Signs `entry`'s manifest and stores the signature image's blobs, setting `entry`'s
+    /// signature fields; the index is left alone. Lets an entry be recorded already signed,
+    /// so that no crash leaves it in the cache without its signature.
+    pub fn store_signature(&self, cache: &Cache, entry: &mut Entry) -> Result<(), CacheError> {
         let image = SignatureImage::sign(&self.key, &self.docker_reference(&entry.reference), &entry.manifest);
         let payload = cache.put_blob(&image.payload)?;
         let config = cache.put_blob(&image.config)?;
-        let manifest = cache.put_blob(&image.manifest)?;
-        cache
-            .set_signature(&entry.reference, Some(manifest), vec![payload, config])?
-            .ok_or_else(|| SignError::NotCached(reference.into()))
+        entry.signature = Some(cache.put_blob(&image.manifest)?);
+        entry.extra_blobs = vec![payload, config];
+        Ok(())
     }
 }
 

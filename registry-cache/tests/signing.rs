@@ -3,6 +3,7 @@
 //! independent client of the cache's OCI API and `openssl` as an independent verifier.
 
 use base64::Engine as _;
+use harness::registry::DockerRegistry as Registry;
 use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
@@ -14,59 +15,16 @@ use registry_cache::server::{self, AccessCheck, AppState, Permissions};
 use registry_cache::sign::{self, SignatureImage, Signer, SigningKey};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 const USER: &str = "ci";
 const PASSWORD: &str = "wasm-s3cret";
 
-// Registry start-up, as in tests/registry.rs.
-struct Registry {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port")
-}
-
+/// The harness's registry: `docker-registry` with htpasswd auth for `USER`/`PASSWORD`.
 async fn start_registry() -> Registry {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let htpasswd = Command::new("htpasswd").args(["-Bbn", USER, PASSWORD]).output().expect("htpasswd (apache2-utils)");
-    assert!(htpasswd.status.success());
-    std::fs::write(dir.path().join("htpasswd"), &htpasswd.stdout).expect("write htpasswd");
-    let addr = free_addr();
-    let config = format!(
-        "version: 0.1\nlog: {{level: warn}}\nstorage: {{filesystem: {{rootdirectory: {root}}}}}\nhttp: {{addr: {addr}}}\nauth: {{htpasswd: {{realm: test, path: {ht}}}}}\n",
-        root = dir.path().join("data").display(),
-        ht = dir.path().join("htpasswd").display(),
-    );
-    std::fs::write(dir.path().join("config.yml"), config).expect("write config");
-    let child = Command::new("docker-registry")
-        .arg("serve")
-        .arg(dir.path().join("config.yml"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("docker-registry (Debian package docker-registry)");
-    let registry = Registry { child, addr, _dir: dir };
-    for _ in 0..100 {
-        if let Ok(r) = reqwest::get(format!("http://{addr}/v2/")).await {
-            assert_eq!(r.status(), 401, "the registry must require credentials");
-            return registry;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("docker-registry did not start");
+    Registry::start(USER, PASSWORD).await.expect("docker-registry")
 }
 
 fn wasm_module(tag: &str) -> Vec<u8> {

@@ -36,6 +36,7 @@
 
 pub mod config;
 pub mod files;
+#[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 
 use crate::auth;
@@ -258,10 +259,7 @@ impl ImageFetcher for RegistryFetcher {
             let private = !matches!(auth, RegistryAuth::Anonymous);
             let (cache, signer) = (Arc::clone(&self.cache), self.signer.clone());
             tokio::task::spawn_blocking(move || -> Result<(), String> {
-                let entry = publish::publish(&cache, &pulled, private).map_err(|e| e.to_string())?;
-                if let Some(signer) = signer {
-                    signer.sign_entry(&cache, &entry.reference).map_err(|e| e.to_string())?;
-                }
+                publish::publish_signed(&cache, &pulled, private, signer.as_ref()).map_err(|e| e.to_string())?;
                 Ok(())
             })
             .await
@@ -757,22 +755,31 @@ pub async fn start(
         return Ok(None);
     }
     let mut names = vec![];
-    if kube_enabled {
-        names.push(kubernetes::SOURCE);
-    }
     if !dirs.is_empty() {
         names.push(files::SOURCE);
     }
     let file_secrets = files::FileSecrets::default();
-    let client = if kube_enabled { Some(kube::Client::try_default().await?) } else { None };
-    let secrets: Arc<dyn SecretSource> = match &client {
-        Some(c) => Arc::new(kubernetes::KubeSecrets::new(c.clone()).with_fallback(file_secrets.clone())),
-        None => Arc::new(file_secrets.clone()),
+    #[cfg(feature = "kubernetes")]
+    let prefetcher = {
+        let client = if kube_enabled { Some(kube::Client::try_default().await?) } else { None };
+        if client.is_some() {
+            names.push(kubernetes::SOURCE);
+        }
+        let secrets: Arc<dyn SecretSource> = match &client {
+            Some(c) => Arc::new(kubernetes::KubeSecrets::new(c.clone()).with_fallback(file_secrets.clone())),
+            None => Arc::new(file_secrets.clone()),
+        };
+        let prefetcher = Prefetcher::new(settings.prefetch.to_config(), fetcher, secrets, hook, &names);
+        if let Some(client) = client {
+            tokio::spawn(kubernetes::run(client, prefetcher.clone()));
+        }
+        prefetcher
     };
-    let prefetcher = Prefetcher::new(settings.prefetch.to_config(), fetcher, secrets, hook, &names);
-    if let Some(client) = client {
-        tokio::spawn(kubernetes::run(client, prefetcher.clone()));
-    }
+    #[cfg(not(feature = "kubernetes"))]
+    let prefetcher = {
+        anyhow::ensure!(!kube_enabled, "this registry-cache was built without the `kubernetes` feature");
+        Prefetcher::new(settings.prefetch.to_config(), fetcher, Arc::new(file_secrets.clone()), hook, &names)
+    };
     if !dirs.is_empty() {
         let interval = Duration::from_secs(settings.sources.rescan_seconds.max(1));
         tokio::spawn(files::run(dirs, interval, prefetcher.clone(), file_secrets));

@@ -1,0 +1,367 @@
+//! Shared by the fault, load and abuse tests: a real private registry (the harness's
+//! `docker-registry`), Wasm modules of any size, the cache's server in-process, raw HTTP for
+//! requests a URL library would normalise, and a fault-injecting proxy in front of the registry.
+
+#![allow(dead_code)] // Each test crate uses part of it.
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use harness::registry::DockerRegistry;
+use oci_client::secrets::RegistryAuth;
+use registry_cache::artifact::Format;
+use registry_cache::cache::Cache;
+use registry_cache::pull::{PullOptions, Puller};
+use registry_cache::server::{self, AccessCheck, AppState, Permissions};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub const USER: &str = "ci";
+pub const PASSWORD: &str = "wasm-s3cret";
+
+pub async fn registry() -> DockerRegistry {
+    DockerRegistry::start(USER, PASSWORD).await.expect("docker-registry")
+}
+
+pub fn auth() -> RegistryAuth {
+    RegistryAuth::Basic(USER.into(), PASSWORD.into())
+}
+
+/// A valid module of about `size` bytes: the header, then a custom section named after `tag`
+/// holding filler, so that every tag gives other bytes.
+pub fn wasm_module(tag: &str, size: usize) -> Vec<u8> {
+    let name = format!("churn-guard-test-{tag}");
+    let filler: Vec<u8> = tag.bytes().cycle().take(size.saturating_sub(name.len() + 16)).collect();
+    let mut section = vec![];
+    leb128(&mut section, name.len());
+    section.extend_from_slice(name.as_bytes());
+    section.extend_from_slice(&filler);
+    let mut m = vec![0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, 0x00];
+    leb128(&mut m, section.len());
+    m.extend_from_slice(&section);
+    m
+}
+
+fn leb128(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// Pushes `module` to `registry_addr` as `<repo>:v1` in the "oci" format (the blob is the module
+/// itself, so a flipped byte in it is a flipped byte in the module); returns the reference.
+pub async fn push(registry_addr: SocketAddr, repo: &str, module: &[u8]) -> String {
+    let image = format!("{registry_addr}/{repo}:v1");
+    registry_cache::package::push(&image, Format::SoloOci, module, &auth(), &[registry_addr.to_string()])
+        .await
+        .expect("push");
+    image
+}
+
+/// A puller for `addr` over plain HTTP with `read_timeout`.
+pub fn puller(addr: SocketAddr, read_timeout: Duration) -> Puller {
+    Puller::new(PullOptions { insecure_registries: vec![addr.to_string()], read_timeout, ..PullOptions::default() })
+}
+
+/// Access checks asked of the upstream through `puller`, as `serve` does.
+pub fn access_check(puller: Puller) -> AccessCheck {
+    let puller = Arc::new(puller);
+    Arc::new(move |reference, auth| {
+        let puller = Arc::clone(&puller);
+        Box::pin(async move { puller.can_read(&reference, &auth).await })
+    })
+}
+
+/// Serves `state` on a free loopback port, on the current runtime.
+pub async fn serve(state: Arc<AppState>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(server::serve(listener, server::router(state), std::future::pending()));
+    addr
+}
+
+pub fn serve_state(cache: Arc<Cache>, permissions: Permissions) -> Arc<AppState> {
+    AppState::new(cache, permissions)
+}
+
+/// Names of the files in `<cache>/<sub>`.
+pub fn files_in(cache_dir: &Path, sub: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(cache_dir.join(sub))
+        .map(|d| d.flatten().map(|f| f.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Every blob file of the cache, `sha256:<hex>`.
+pub fn blob_digests(cache_dir: &Path) -> Vec<String> {
+    files_in(cache_dir, "blobs/sha256").into_iter().map(|f| format!("sha256:{f}")).collect()
+}
+
+/// The blobs the entries of a cache refer to.
+pub fn referenced_blobs(cache: &Cache) -> Vec<String> {
+    let mut all: Vec<String> = cache
+        .entries()
+        .into_iter()
+        .flat_map(|e| [e.module, e.manifest, e.config].into_iter().chain(e.signature).chain(e.extra_blobs))
+        .collect();
+    all.sort();
+    all.dedup();
+    all
+}
+
+/// A response read off the wire as sent.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: String,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.lines().find_map(|l| {
+            let (n, v) = l.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+}
+
+/// Sends one request exactly as written (no normalisation of `..`, `%2e` or `//`) and reads the
+/// response to the end of the connection. Status 0: the server closed without answering.
+pub async fn raw(addr: SocketAddr, method: &str, target: &str, headers: &[(&str, String)]) -> RawResponse {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let mut request = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    // The server may answer and close before reading all of a huge request line.
+    let _ = conn.write_all(request.as_bytes()).await;
+    let mut out = vec![];
+    let read = tokio::time::timeout(Duration::from_secs(20), conn.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "{method} {}: no answer within 20s", &target[..target.len().min(100)]);
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n");
+    let Some(split) = split else { return RawResponse { status: 0, headers: String::new(), body: out } };
+    let head = String::from_utf8_lossy(&out[..split]).into_owned();
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mut body = out[split + 4..].to_vec();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        body = dechunk(&body);
+    }
+    RawResponse { status, headers: head, body }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = vec![];
+    while let Some(eol) = data.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(String::from_utf8_lossy(&data[..eol]).trim(), 16).unwrap_or(0);
+        if size == 0 {
+            break;
+        }
+        let start = eol + 2;
+        out.extend_from_slice(&data[start..(start + size).min(data.len())]);
+        data = &data[(start + size + 2).min(data.len())..];
+    }
+    out
+}
+
+pub fn basic(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
+}
+
+/// What the proxy does to the traffic it forwards.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// Forwards faithfully.
+    None,
+    /// Blob bodies come `chunk` bytes at a time, `delay` apart.
+    Slow { chunk: usize, delay: Duration },
+    /// Blob bodies stop after `after` bytes, and the connection stays open.
+    Stall { after: usize },
+    /// Every request is answered 503.
+    Unavailable,
+    /// Blob bodies are cut after `after` bytes and the connection is dropped.
+    ResetBlob { after: usize },
+    /// One byte in the middle of every blob body is flipped.
+    FlipBlob,
+    /// Manifests name `fake` where the registry has `real`; a request for blob `fake` gets
+    /// blob `real`. The registry's digest header is dropped from rewritten manifests, as a
+    /// registry that lies would not send one that gives it away.
+    ManifestLayerDigest { real: String, fake: String },
+}
+
+struct ProxyState {
+    upstream: SocketAddr,
+    fault: Mutex<Fault>,
+    requests: AtomicUsize,
+    http: reqwest::Client,
+}
+
+/// A fault-injecting HTTP proxy in front of a registry, on loopback.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    state: Arc<ProxyState>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let http =
+            reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("reqwest client");
+        let state =
+            Arc::new(ProxyState { upstream, fault: Mutex::new(Fault::None), requests: AtomicUsize::new(0), http });
+        let app = axum::Router::new().fallback(forward).with_state(Arc::clone(&state));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(server::serve(listener, app, std::future::pending()));
+        Self { addr, state }
+    }
+
+    pub fn set(&self, fault: Fault) {
+        *self.state.fault.lock().unwrap_or_else(|e| e.into_inner()) = fault;
+    }
+
+    pub fn requests(&self) -> usize {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+}
+
+async fn forward(State(p): State<Arc<ProxyState>>, request: Request) -> Response {
+    p.requests.fetch_add(1, Ordering::SeqCst);
+    let fault = p.fault.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if fault == Fault::Unavailable {
+        let body = r#"{"errors":[{"code":"UNAVAILABLE","message":"injected outage"}]}"#;
+        return (StatusCode::SERVICE_UNAVAILABLE, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+    }
+    let (parts, body) = request.into_parts();
+    let mut target = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+    if let Fault::ManifestLayerDigest { real, fake } = &fault {
+        if target.ends_with(&format!("/blobs/{fake}")) {
+            target = target.replace(fake.as_str(), real);
+        }
+    }
+    let is_blob = target.contains("/blobs/sha256:") && parts.method == axum::http::Method::GET;
+    let is_manifest = target.contains("/manifests/") && parts.method == axum::http::Method::GET;
+    let body = axum::body::to_bytes(body, 1 << 20).await.unwrap_or_default();
+    let mut headers = parts.headers.clone();
+    headers.remove(header::HOST);
+    let upstream = p
+        .http
+        .request(parts.method.clone(), format!("http://{}{target}", p.upstream))
+        .headers(headers)
+        .body(body)
+        .send()
+        .await;
+    let upstream = match upstream {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::BAD_GATEWAY, format!("upstream: {e}")).into_response(),
+    };
+    let status = upstream.status();
+    let mut headers = HeaderMap::new();
+    for (name, value) in upstream.headers() {
+        if name != header::TRANSFER_ENCODING && name != header::CONNECTION {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    let respond = |headers: HeaderMap, body: Body| {
+        let mut r = Response::new(body);
+        *r.status_mut() = status;
+        *r.headers_mut() = headers;
+        r
+    };
+    match fault {
+        Fault::ManifestLayerDigest { real, fake } if is_manifest => {
+            let text = upstream.text().await.unwrap_or_default();
+            headers.remove(header::CONTENT_LENGTH);
+            headers.remove("docker-content-digest");
+            respond(headers, Body::from(text.replace(&real, &fake)))
+        }
+        Fault::FlipBlob if is_blob && status.is_success() => {
+            let mut bytes = upstream.bytes().await.unwrap_or_default().to_vec();
+            let middle = bytes.len() / 2;
+            if let Some(b) = bytes.get_mut(middle) {
+                *b ^= 0x20;
+            }
+            respond(headers, Body::from(bytes))
+        }
+        Fault::Slow { chunk, delay } if is_blob => {
+            let bytes = upstream.bytes().await.unwrap_or_default();
+            let chunk = chunk.max(1);
+            let pieces: Vec<Bytes> =
+                (0..bytes.len()).step_by(chunk).map(|i| bytes.slice(i..(i + chunk).min(bytes.len()))).collect();
+            let stream = futures::stream::iter(pieces).then(move |piece| async move {
+                tokio::time::sleep(delay).await;
+                Ok::<_, std::io::Error>(piece)
+            });
+            respond(headers, Body::from_stream(stream))
+        }
+        Fault::Stall { after } | Fault::ResetBlob { after } if is_blob => {
+            let stall = matches!(fault, Fault::Stall { .. });
+            let bytes = upstream.bytes().await.unwrap_or_default();
+            let head = bytes.slice(..after.min(bytes.len()));
+            let stream =
+                futures::stream::iter([Ok::<_, std::io::Error>(head)]).chain(futures::stream::once(async move {
+                    if stall {
+                        std::future::pending::<()>().await;
+                    }
+                    Err::<Bytes, _>(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected reset"))
+                }));
+            respond(headers, Body::from_stream(stream))
+        }
+        _ => {
+            let bytes = upstream.bytes().await.unwrap_or_default();
+            respond(headers, Body::from(bytes))
+        }
+    }
+}
+
+use futures::StreamExt as _;
+
+/// A Docker `config.json` with the test credentials for `addr` (e.g. the proxy's).
+pub fn docker_config(addr: SocketAddr) -> String {
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+    serde_json::json!({"auths": {addr.to_string(): {"auth": encoded}}}).to_string()
+}
+
+pub struct Run {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+/// The `registry-cache` binary, as users run it.
+pub fn bin() -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_registry-cache"));
+    cmd.env("RUST_LOG", "warn").env("RUST_BACKTRACE", "0").kill_on_drop(true);
+    cmd
+}
+
+/// Runs `cmd` to completion, within a minute.
+pub async fn run(cmd: &mut tokio::process::Command) -> Run {
+    let started = std::time::Instant::now();
+    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("the command did not finish within a minute")
+        .expect("run");
+    Run {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+        elapsed: started.elapsed(),
+    }
+}
