@@ -15,7 +15,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -180,6 +180,8 @@ struct Plugin {
     tables: RefCell<HashMap<String, CachedTable>>,
     /// Probes in flight: call token → (cluster, endpoint).
     probes: RefCell<HashMap<u32, (String, String)>>,
+    /// Clusters this VM has put in the shared registry (`store::CLUSTERS_KEY`).
+    registered: RefCell<HashSet<String>>,
 }
 
 impl Plugin {
@@ -195,6 +197,7 @@ impl Plugin {
             rng: RefCell::new(Rng::new(seed)),
             tables: RefCell::new(HashMap::new()),
             probes: RefCell::new(HashMap::new()),
+            registered: RefCell::new(HashSet::new()),
         }
     }
 
@@ -246,6 +249,7 @@ impl Plugin {
                     }
                 }
                 self.remember(cluster, table, now_ms);
+                self.register(cluster);
             }
             Err(e) => host::log(
                 LogLevel::Warn,
@@ -306,12 +310,32 @@ impl Plugin {
         self.observe(&cluster, &[observation], host::now_ms());
     }
 
+    /// Lists `cluster` in shared data once per VM, so that every VM's gauges include it.
+    fn register(&self, cluster: &str) {
+        let mut registered = self.registered.borrow_mut();
+        if registered.contains(cluster) || registered.len() >= store::MAX_CLUSTERS {
+            return;
+        }
+        match store::register(&HostStore, cluster) {
+            Ok(()) => {
+                registered.insert(cluster.to_string());
+            }
+            Err(e) => host::log(LogLevel::Warn, &format!("churn-guard: could not register cluster {cluster}: {e:?}")),
+        }
+    }
+
+    /// Gauges over every cluster with a table in shared data, not just those this VM has served:
+    /// all VMs, including the main thread's, which serves none, then report the same figures.
     fn refresh_gauges(&self, now_ms: u64) {
-        let clusters: Vec<String> = self.tables.borrow().keys().cloned().collect();
         let ttl = self.config.ejection.endpoint_ttl_ms;
         let (mut ejected, mut known) = (0, 0);
-        for cluster in clusters {
-            let (e, k) = self.with_table(&cluster, now_ms, |t| t.counts(now_ms, ttl));
+        for cluster in store::clusters(&HostStore) {
+            let cached = self.tables.borrow().contains_key(&cluster);
+            let (e, k) = if cached {
+                self.with_table(&cluster, now_ms, |t| t.counts(now_ms, ttl))
+            } else {
+                store::load(&HostStore, &cluster).counts(now_ms, ttl)
+            };
             ejected += e;
             known += k;
         }

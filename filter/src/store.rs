@@ -73,6 +73,48 @@ where
     Err(UpdateError::Contended)
 }
 
+/// Names of the clusters that have a table in shared data. Gauges are reported from it, so that
+/// every VM reports the same figures: Envoy also runs the filter's root context on its main
+/// thread, which serves no request and would otherwise report an empty table every second.
+pub const CLUSTERS_KEY: &str = "churn-guard.v1.clusters";
+
+/// Bound on registered cluster names; further clusters work, but are left out of the gauges.
+pub const MAX_CLUSTERS: usize = 1024;
+
+fn decode_clusters(bytes: Option<&[u8]>) -> Vec<String> {
+    bytes.and_then(|b| postcard::from_bytes(b).ok()).unwrap_or_default()
+}
+
+/// The registered cluster names; missing or unreadable means none.
+pub fn clusters<S: SharedStore + ?Sized>(store: &S) -> Vec<String> {
+    decode_clusters(store.get(CLUSTERS_KEY).0.as_deref())
+}
+
+/// Adds `cluster` to the registered names, unless it is there already or the registry is full.
+pub fn register<S: SharedStore + ?Sized>(store: &S, cluster: &str) -> Result<(), UpdateError> {
+    for _ in 0..MAX_CAS_ATTEMPTS {
+        let (bytes, cas) = store.get(CLUSTERS_KEY);
+        let Some(cas) = cas.filter(|_| bytes.is_some()) else {
+            // As in `update`: create the key so that the write below is a real compare-and-swap.
+            let empty = postcard::to_allocvec(&Vec::<String>::new()).map_err(|_| UpdateError::Host)?;
+            store.set(CLUSTERS_KEY, &empty, None).map_err(|_| UpdateError::Host)?;
+            continue;
+        };
+        let mut names = decode_clusters(bytes.as_deref());
+        if names.len() >= MAX_CLUSTERS || names.iter().any(|n| n == cluster) {
+            return Ok(());
+        }
+        names.push(cluster.to_string());
+        let encoded = postcard::to_allocvec(&names).map_err(|_| UpdateError::Host)?;
+        match store.set(CLUSTERS_KEY, &encoded, Some(cas)) {
+            Ok(()) => return Ok(()),
+            Err(SetError::CasMismatch) => continue,
+            Err(SetError::Host) => return Err(UpdateError::Host),
+        }
+    }
+    Err(UpdateError::Contended)
+}
+
 /// An in-memory `SharedStore` with Envoy's CAS semantics, for tests and fuzzing.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
@@ -162,6 +204,40 @@ mod tests {
         let (_, cas) = store.get(&table_key("c"));
         observe(&store, Observation::Success("a:1"), 10).unwrap_or_default();
         assert_eq!(store.get(&table_key("c")).1, cas);
+    }
+
+    #[test]
+    fn clusters_are_registered_once() {
+        let store = MemoryStore::default();
+        assert_eq!(clusters(&store), Vec::<String>::new());
+        assert_eq!(register(&store, "a"), Ok(()));
+        assert_eq!(register(&store, "b"), Ok(()));
+        assert_eq!(register(&store, "a"), Ok(()));
+        assert_eq!(clusters(&store), vec!["a".to_string(), "b".to_string()]);
+    }
+
+    #[test]
+    fn registration_survives_contention_and_stays_bounded() {
+        let store = MemoryStore::default();
+        register(&store, "first").unwrap_or(());
+        store.contend.set(3);
+        assert_eq!(register(&store, "second"), Ok(()));
+        assert_eq!(clusters(&store).len(), 2);
+        for i in 0..MAX_CLUSTERS + 10 {
+            register(&store, &format!("c{i}")).unwrap_or(());
+        }
+        assert_eq!(clusters(&store).len(), MAX_CLUSTERS);
+        store.contend.set(u32::MAX);
+        assert_eq!(register(&store, "c0"), Ok(()), "a registered name needs no write");
+    }
+
+    #[test]
+    fn unreadable_registry_reads_as_empty_and_is_replaced() {
+        let store = MemoryStore::default();
+        store.set(CLUSTERS_KEY, &[0xff, 0xff, 0xff], None).unwrap_or(());
+        assert_eq!(clusters(&store), Vec::<String>::new());
+        assert_eq!(register(&store, "a"), Ok(()));
+        assert_eq!(clusters(&store), vec!["a".to_string()]);
     }
 
     #[test]
