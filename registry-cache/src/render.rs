@@ -6,6 +6,11 @@ use crate::cache::Entry;
 use crate::pull::parse_reference;
 use serde_json::{json, Value};
 
+/// On a rendered policy: the image sources it had, by `spec.wasm` index, as JSON. The cache
+/// keeps pre-pulling them and keeps the namespace bound, so a policy applied as rendered
+/// goes on working.
+pub const SOURCE_ANNOTATION: &str = "registry-cache.churn-guard.io/image-sources";
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RenderError {
     #[error("not YAML: {0}")]
@@ -46,6 +51,7 @@ pub fn render(
         if doc["kind"] == "EnvoyExtensionPolicy" {
             let policy = policy_name(&doc);
             let namespace = doc["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
+            let mut sources = serde_json::Map::new();
             if let Some(wasms) = doc.pointer_mut("/spec/wasm").and_then(Value::as_array_mut) {
                 for (index, wasm) in wasms.iter_mut().enumerate() {
                     if wasm["code"]["type"] != "Image" {
@@ -74,7 +80,17 @@ pub fn render(
                         })?;
                         url.push_str(&format!("?namespace={namespace}&token={token}"));
                     }
+                    sources.insert(index.to_string(), wasm["code"].take());
                     wasm["code"] = json!({"type": "HTTP", "http": {"url": url, "sha256": sha256}});
+                }
+            }
+            if !sources.is_empty() {
+                let text = Value::Object(sources).to_string();
+                if let Some(meta) = doc.get_mut("metadata").and_then(Value::as_object_mut) {
+                    let annotations = meta.entry("annotations").or_insert_with(|| json!({}));
+                    if let Some(a) = annotations.as_object_mut() {
+                        a.insert(SOURCE_ANNOTATION.to_string(), Value::String(text));
+                    }
                 }
             }
         }

@@ -109,6 +109,11 @@ async fn push_serve_render_fetch_verify_and_stop() {
     let forged = format!("{bare}?namespace=shop&token={}", token.chars().rev().collect::<String>());
     assert_eq!(get(forged).await.status(), 404, "a forged token");
 
+    // Applied as rendered, the policy keeps the module's URL working for its namespace.
+    std::fs::write(&policy_file, &rendered).expect("rendered policy");
+    tokio::time::sleep(Duration::from_secs(3)).await; // a few rescans
+    assert_eq!(get(url.clone()).await.status(), 200, "the rendered policy must keep its namespace bound");
+
     // The policy goes away: its namespace's URL stops working at the next scan.
     std::fs::remove_file(&policy_file).expect("remove policy");
     let revoked = harness::eventually(Duration::from_secs(30), || {

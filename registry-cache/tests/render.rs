@@ -7,6 +7,7 @@ use registry_cache::cache::Cache;
 use registry_cache::publish;
 use registry_cache::pull::Pulled;
 use registry_cache::render::{render, RenderError};
+use registry_cache::sources::{PolicyRecord, PullPolicy, SecretRef};
 
 const POLICY: &str = r#"
 apiVersion: gateway.envoyproxy.io/v1alpha1
@@ -75,6 +76,13 @@ fn rewrites_images_to_pinned_http_sources_that_validate() {
     assert_eq!(docs[1]["data"]["key"], "value", "other documents pass through");
     let schemas = schemas().expect("CRDs");
     assert_eq!(validate(&schemas, &docs[0]), Ok(true), "rendered policy must validate against the CRD");
+    // Applied as rendered, the policy still names its image, so the cache keeps it pre-pulled
+    // and the namespace bound.
+    let record = PolicyRecord::from_value(&docs[0]).expect("a policy");
+    let image = &record.images[0];
+    assert_eq!(image.image, "registry.example:5000/filters/churn-guard:v1");
+    assert_eq!(image.pull_secret, Some(SecretRef { namespace: "shop".into(), name: "registry-credentials".into() }));
+    assert_eq!(image.pull_policy, PullPolicy::Always);
 }
 
 #[test]

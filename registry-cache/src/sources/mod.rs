@@ -124,11 +124,19 @@ impl PolicyRecord {
         let name = text(meta, "name").unwrap_or_default();
         let resource_version = text(meta, "resourceVersion").unwrap_or_default();
         let mut images = vec![];
+        // A policy `render` rewrote still names its images in an annotation.
+        let rendered: Option<Value> = meta
+            .and_then(|m| m.pointer(&format!("/annotations/{}", crate::render::SOURCE_ANNOTATION.replace('/', "~1"))))
+            .and_then(Value::as_str)
+            .and_then(|text| serde_json::from_str(text).ok());
         let wasms = doc.pointer("/spec/wasm").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
         for (index, wasm) in wasms.iter().enumerate() {
-            let Some(code) = wasm.get("code") else { continue };
+            let Some(mut code) = wasm.get("code") else { continue };
             if code.get("type").and_then(Value::as_str) != Some("Image") {
-                continue;
+                match rendered.as_ref().and_then(|r| r.get(index.to_string())) {
+                    Some(source) if source.get("type").and_then(Value::as_str) == Some("Image") => code = source,
+                    _ => continue,
+                }
             }
             let Some(url) = code.pointer("/image/url").and_then(Value::as_str).filter(|u| !u.trim().is_empty()) else {
                 tracing::warn!(%namespace, policy = %name, index, "wasm image without url; skipped");
