@@ -10,9 +10,6 @@ use oci_client::Client;
 /// The layer and config of an image holding `module` in `format`. A compat image carries the
 /// module as `plugin.wasm` in a tar+gzip layer, as `docker build` of `FROM scratch` makes it.
 pub fn image_parts(format: Format, module: &[u8]) -> Result<(ImageLayer, Config), ArtifactError> {
-    if !artifact::is_wasm(module) {
-        return Err(ArtifactError::NotWasm);
-    }
     Ok(match format {
         Format::CncfArtifact => (
             ImageLayer::new(module.to_vec(), artifact::CNCF_WASM_LAYER.into(), None),
@@ -45,8 +42,22 @@ fn tar_gz(name: &str, data: &[u8]) -> Result<Vec<u8>, ArtifactError> {
 }
 
 /// Pushes `module` as `image` in `format`; returns the manifest URL the registry reports.
-/// `insecure` lists registries spoken to over plain HTTP.
+/// `insecure` lists registries spoken to over plain HTTP. Only Wasm modules are pushed.
 pub async fn push(
+    image: &str,
+    format: Format,
+    module: &[u8],
+    auth: &RegistryAuth,
+    insecure: &[String],
+) -> Result<String, PullError> {
+    if !artifact::is_wasm(module) {
+        return Err(ArtifactError::NotWasm.into());
+    }
+    push_unchecked(image, format, module, auth, insecure).await
+}
+
+/// `push` without the Wasm check: for tests that need a registry to hold bad artifacts.
+pub async fn push_unchecked(
     image: &str,
     format: Format,
     module: &[u8],
@@ -67,6 +78,12 @@ pub async fn push(
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn only_wasm_is_pushed() {
+        let err = push("127.0.0.1:9/a:v1", Format::SoloOci, b"MZ not wasm", &RegistryAuth::Anonymous, &[]).await;
+        assert!(matches!(err, Err(PullError::Artifact(ArtifactError::NotWasm))), "{err:?}");
+    }
+
     #[test]
     fn every_format_round_trips_through_the_extractor() {
         let module = b"\0asm\x01\0\0\0\0\x05\x04name".to_vec();
@@ -74,6 +91,5 @@ mod tests {
             let (layer, _) = image_parts(format, &module).unwrap();
             assert_eq!(artifact::extract_module(format, &layer.data, 1 << 20).unwrap(), module, "{format:?}");
         }
-        assert_eq!(image_parts(Format::SoloOci, b"MZ not wasm").err(), Some(ArtifactError::NotWasm));
     }
 }

@@ -54,7 +54,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn credential_hash(auth: &RegistryAuth) -> [u8; 32] {
+/// A fixed-size key for credentials, so they are compared and kept without their text.
+pub fn credential_hash(auth: &RegistryAuth) -> [u8; 32] {
     let text = match auth {
         RegistryAuth::Anonymous => String::new(),
         RegistryAuth::Basic(u, p) => format!("basic\0{u}\0{p}"),

@@ -2,78 +2,35 @@
 //! with htpasswd auth, seeded by pushing with `oci-client`; `skopeo` as an independent client
 //! of the cache's OCI API.
 
+mod common;
+
+use common::{auth, PASSWORD, USER};
 use harness::registry::DockerRegistry as Registry;
-use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
 use registry_cache::artifact::{self, Format};
 use registry_cache::cache::Cache;
 use registry_cache::publish;
 use registry_cache::pull::{PullOptions, Puller};
-use registry_cache::server::{self, AccessCheck, AppState, Permissions};
+use registry_cache::server::Permissions;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-const USER: &str = "ci";
-const PASSWORD: &str = "wasm-s3cret";
-
-/// The harness's registry: `docker-registry` with htpasswd auth for `USER`/`PASSWORD`.
 async fn start_registry() -> Registry {
-    Registry::start(USER, PASSWORD).await.expect("docker-registry")
+    common::registry().await
 }
 
 fn wasm_module(tag: &str) -> Vec<u8> {
-    // A valid module header followed by a custom section that makes each module distinct.
-    let name = format!("churn-guard-test-{tag}");
-    let mut m = vec![0x00, 0x61, 0x73, 0x6d, 0x01, 0x00, 0x00, 0x00, 0x00];
-    m.push((name.len() + 1) as u8);
-    m.push(name.len() as u8);
-    m.extend_from_slice(name.as_bytes());
-    m
-}
-
-fn tar_gz_with(name: &str, data: &[u8]) -> Vec<u8> {
-    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
-    let mut header = tar::Header::new_gnu();
-    header.set_size(data.len() as u64);
-    header.set_mode(0o644);
-    header.set_cksum();
-    builder.append_data(&mut header, name, data).expect("tar");
-    builder.into_inner().and_then(|gz| gz.finish()).expect("gzip")
-}
-
-fn client() -> Client {
-    Client::new(ClientConfig { protocol: ClientProtocol::Http, ..ClientConfig::default() })
-}
-
-fn auth() -> RegistryAuth {
-    RegistryAuth::Basic(USER.into(), PASSWORD.into())
+    common::wasm_module(tag, 0)
 }
 
 /// Pushes `module` as an image of `format`; returns the reference.
 async fn push(registry: &Registry, repo: &str, format: Format, module: &[u8]) -> String {
     let image = format!("{}/{repo}:v1", registry.addr);
-    let reference: Reference = image.parse().expect("reference");
-    let (layer, config) = match format {
-        Format::CncfArtifact => (
-            ImageLayer::new(module.to_vec(), artifact::CNCF_WASM_LAYER.into(), None),
-            Config::new(b"{}".to_vec(), artifact::CNCF_WASM_CONFIG.into(), None),
-        ),
-        Format::SoloOci => (
-            ImageLayer::new(module.to_vec(), artifact::SOLO_WASM_LAYER.into(), None),
-            Config::new(b"{}".to_vec(), artifact::SOLO_WASM_CONFIG.into(), None),
-        ),
-        Format::Compat => (
-            ImageLayer::new(tar_gz_with("plugin.wasm", module), artifact::OCI_TAR_GZIP.into(), None),
-            Config::new(
-                br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#.to_vec(),
-                artifact::OCI_CONFIG.into(),
-                None,
-            ),
-        ),
-    };
-    client().push(&reference, &[layer], config, &auth(), None).await.expect("push");
+    // Unchecked: some tests need the registry to hold what the cache must refuse.
+    registry_cache::package::push_unchecked(&image, format, module, &auth(), &[registry.addr.to_string()])
+        .await
+        .expect("push");
     image
 }
 
@@ -118,16 +75,8 @@ async fn pulls_all_three_formats_from_a_private_registry_and_refuses_bad_input()
 }
 
 async fn serve(cache: Arc<Cache>, puller: Puller) -> SocketAddr {
-    let puller = Arc::new(puller);
-    let check: AccessCheck = Arc::new(move |reference, auth| {
-        let puller = Arc::clone(&puller);
-        Box::pin(async move { puller.can_read(&reference, &auth).await })
-    });
-    let state = AppState::new(cache, Permissions::new(Duration::from_secs(60), check));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(server::serve(listener, server::router(state), std::future::pending()));
-    addr
+    let permissions = Permissions::new(Duration::from_secs(60), common::access_check(puller));
+    common::serve(common::serve_state(cache, permissions)).await
 }
 
 #[tokio::test]

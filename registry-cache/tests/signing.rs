@@ -2,6 +2,8 @@
 //! loopback with htpasswd auth, the `registry-cache` binary as users run it, `skopeo` as an
 //! independent client of the cache's OCI API and `openssl` as an independent verifier.
 
+mod common;
+
 use base64::Engine as _;
 use harness::registry::DockerRegistry as Registry;
 use oci_client::client::{ClientConfig, ClientProtocol, Config, ImageLayer};
@@ -11,7 +13,7 @@ use registry_cache::artifact::{self, sha256_hex};
 use registry_cache::cache::Cache;
 use registry_cache::publish;
 use registry_cache::pull::{PullOptions, Puller};
-use registry_cache::server::{self, AccessCheck, AppState, Permissions};
+use registry_cache::server::Permissions;
 use registry_cache::sign::{self, SignatureImage, Signer, SigningKey};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -208,16 +210,8 @@ async fn require_signature_caches_only_artifacts_signed_for_their_digest_by_a_tr
 }
 
 async fn serve(cache: Arc<Cache>, puller: Puller) -> SocketAddr {
-    let puller = Arc::new(puller);
-    let check: AccessCheck = Arc::new(move |reference, auth| {
-        let puller = Arc::clone(&puller);
-        Box::pin(async move { puller.can_read(&reference, &auth).await })
-    });
-    let state = AppState::new(cache, Permissions::new(Duration::from_secs(60), check));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(server::serve(listener, server::router(state), std::future::pending()));
-    addr
+    let permissions = Permissions::new(Duration::from_secs(60), common::access_check(puller));
+    common::serve(common::serve_state(cache, permissions)).await
 }
 
 #[tokio::test]

@@ -41,13 +41,13 @@ pub mod kubernetes;
 
 use crate::auth;
 use crate::cache::Cache;
+use crate::permissions::credential_hash;
 use crate::publish;
 use crate::pull::{parse_reference, PullError, Puller};
 use crate::sign::Signer;
 use futures::future::BoxFuture;
 use oci_client::secrets::RegistryAuth;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -365,15 +365,6 @@ struct Inner {
 #[derive(Clone)]
 pub struct Prefetcher {
     inner: Arc<Inner>,
-}
-
-fn credential_hash(auth: &RegistryAuth) -> [u8; 32] {
-    let text = match auth {
-        RegistryAuth::Anonymous => String::new(),
-        RegistryAuth::Basic(u, p) => format!("basic\0{u}\0{p}"),
-        RegistryAuth::Bearer(t) => format!("bearer\0{t}"),
-    };
-    Sha256::digest(text.as_bytes()).into()
 }
 
 enum Attempt {
