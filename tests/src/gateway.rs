@@ -264,7 +264,8 @@ pub fn bootstrap(dir: &Path) -> Value {
     })
 }
 
-fn discovery_response(type_url: &str, version: u64, resources: Vec<Value>) -> Value {
+/// A `DiscoveryResponse` as Envoy reads it from a watched file.
+pub fn discovery_response(type_url: &str, version: u64, resources: Vec<Value>) -> Value {
     let resources: Vec<Value> = resources
         .into_iter()
         .map(|mut r| {

@@ -39,17 +39,7 @@ const V8_ACTIVE: &str = "wasm.envoy.wasm.runtime.v8.active";
 static XDS_VERSION: AtomicU64 = AtomicU64::new(1_000_000);
 
 fn write_xds(dir: &Path, file: &str, type_url: &str, resources: Vec<Value>) -> anyhow::Result<()> {
-    let resources: Vec<Value> = resources
-        .into_iter()
-        .map(|mut r| {
-            if let Some(obj) = r.as_object_mut() {
-                obj.insert("@type".into(), json!(type_url));
-            }
-            r
-        })
-        .collect();
-    let version = XDS_VERSION.fetch_add(1, Ordering::SeqCst);
-    let doc = json!({"versionInfo": version.to_string(), "resources": resources});
+    let doc = gateway::discovery_response(type_url, XDS_VERSION.fetch_add(1, Ordering::SeqCst), resources);
     let tmp = dir.join(format!(".{file}.robustness.tmp"));
     std::fs::write(&tmp, serde_json::to_vec_pretty(&doc)?)?;
     std::fs::rename(&tmp, dir.join(file))?;
