@@ -168,9 +168,10 @@ pub async fn blob_throughput(
     let server = tokio::spawn(async move { server::serve(listener, app, std::future::pending()).await });
     // The module is the solo layer in both: the same digest, the same bytes.
     anyhow::ensure!(entry.module == format!("sha256:{}", artifact::sha256_hex(&module)));
-    let path = format!("/v2/bench/blob/blobs/{}", entry.module);
-    let from_cache = wrk(&format!("http://{addr}{path}"), seconds, 16).await?;
-    let from_registry = wrk(&format!("http://{}{path}", registry.addr), seconds, 16).await?;
+    let served = registry_cache::publish::served_name(&entry.reference).context("served name")?;
+    let from_cache = wrk(&format!("http://{addr}/v2/{served}/blobs/{}", entry.module), seconds, 16).await?;
+    let from_registry =
+        wrk(&format!("http://{}/v2/bench/blob/blobs/{}", registry.addr, entry.module), seconds, 16).await?;
     server.abort();
     Ok(BlobFigures { size: module.len(), cache: from_cache, registry: from_registry })
 }
@@ -276,7 +277,7 @@ pub async fn run(blob_seconds: u64) -> anyhow::Result<String> {
         }
     }
     md.push_str(&format!(
-        "\nBoth servers answer `GET /v2/bench/blob/blobs/<digest>` with HTTP basic credentials; `wrk -t2 -c16 -d{blob_seconds}s`, \
+        "\nBoth servers answer `GET /v2/<name>/blobs/<digest>` for the same blob with HTTP basic credentials; `wrk -t2 -c16 -d{blob_seconds}s`, \
          sharing the machine's cores with the server under test.\n"
     ));
     md.push_str("\n## Pre-pulling policies' images\n\n| artifacts | module size | concurrent pulls | wall time | per artifact |\n|---:|---:|---:|---:|---:|\n");

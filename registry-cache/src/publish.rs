@@ -5,11 +5,20 @@
 
 use crate::artifact::{OCI_MANIFEST, SOLO_WASM_CONFIG, SOLO_WASM_LAYER};
 use crate::cache::{now_secs, Cache, CacheError, Entry};
-use crate::pull::Pulled;
+use crate::pull::{parse_reference, Pulled};
 use crate::sign::Signer;
 use serde_json::json;
 
 pub const SOURCE_ANNOTATION: &str = "org.opencontainers.image.source";
+
+/// The repository name the cache serves an artifact under: the upstream registry, then its
+/// repository (`ghcr.io/team/filter`, `registry.local_5000/team/filter`). Images with the same
+/// path in different registries must never share a name, or a client asking for one could be
+/// given the other. A port's `:` becomes `_`, which names allow and host names cannot contain.
+pub fn served_name(reference: &str) -> Option<String> {
+    let r = parse_reference(reference).ok()?;
+    Some(format!("{}/{}", r.registry().to_ascii_lowercase().replace(':', "_"), r.repository()))
+}
 
 /// Stores the module, a config and a manifest, and records the entry.
 pub fn publish(cache: &Cache, pulled: &Pulled, private: bool) -> Result<Entry, CacheError> {
@@ -62,4 +71,18 @@ pub fn manifest(module: &str, module_size: u64, config: &str, config_size: u64, 
         "annotations": {SOURCE_ANNOTATION: source}
     }))
     .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::served_name;
+
+    #[test]
+    fn served_names_keep_registries_apart() {
+        assert_eq!(served_name("ghcr.io/team/filter:1.0").as_deref(), Some("ghcr.io/team/filter"));
+        assert_eq!(served_name("127.0.0.1:5000/team/filter@sha256:"), None);
+        assert_eq!(served_name("127.0.0.1:5000/team/filter:v1").as_deref(), Some("127.0.0.1_5000/team/filter"));
+        assert_ne!(served_name("a.example/team/filter:1"), served_name("ghcr.io/team/filter:1"));
+        assert_eq!(served_name("filter:1").as_deref(), Some("docker.io/library/filter"));
+    }
 }

@@ -80,8 +80,22 @@ pub struct Puller {
     options: PullOptions,
 }
 
+/// Parses an image reference, refusing one whose normalised form (`whole()`, what the cache
+/// index stores and every later lookup parses again) would not parse back to itself.
+/// oci-spec takes an upper-case first component (`Acme/filter:1`) for a registry host, then
+/// normalises it into a Docker Hub repository (`docker.io/Acme/filter:1`) that no longer parses:
+/// the entry could never be found again, and its permission checks would key on no repository.
 pub fn parse_reference(image: &str) -> Result<Reference, PullError> {
-    image.parse::<Reference>().map_err(|e| PullError::Reference(image.to_string(), e.to_string()))
+    let refuse = |reason: String| PullError::Reference(image.to_string(), reason);
+    let reference = image.parse::<Reference>().map_err(|e| refuse(e.to_string()))?;
+    let normal = reference.whole();
+    match normal.parse::<Reference>() {
+        Ok(again) if again.whole() == normal => Ok(reference),
+        _ if reference.repository().bytes().any(|b| b.is_ascii_uppercase()) => {
+            Err(refuse("repository name must be lowercase".into()))
+        }
+        _ => Err(refuse(format!("it normalises to {normal:?}, which does not parse back"))),
+    }
 }
 
 impl Puller {
@@ -260,6 +274,28 @@ impl Puller {
             Err(oci_client::errors::OciDistributionError::AuthenticationFailure(_))
             | Err(oci_client::errors::OciDistributionError::UnauthorizedError { .. }) => Ok(false),
             Err(e) => Err(describe(&e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by `cargo fuzz run cache_reference`: accepted, then stored as a reference that
+    /// does not parse.
+    #[test]
+    fn fuzz_regression_uppercase_first_component_is_refused() {
+        let input: &[u8] = b"ohttp000FALSE00000000000000000000000v0000000000000000/filter:1.0";
+        let image = std::str::from_utf8(input).unwrap_or_default();
+        let err = parse_reference(image).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("must be lowercase"), "{err}");
+        assert!(parse_reference("Acme/filter:1").is_err());
+        // Lower-case names, registries with ports and digests still parse, and round-trip.
+        let digest = format!("ghcr.io/a/b:v1@sha256:{}", "0".repeat(64));
+        for image in ["acme/filter:1", "ghcr.io/a/b:v1", "localhost:5000/team/x", "nginx", digest.as_str()] {
+            let r = parse_reference(image).map(|r| r.whole()).unwrap_or_default();
+            assert_eq!(parse_reference(&r).map(|again| again.whole()).ok(), Some(r), "{image}");
         }
     }
 }

@@ -9,6 +9,7 @@
 
 use crate::artifact::{digest_hex, OCI_MANIFEST};
 use crate::cache::{Cache, Entry};
+use crate::publish::served_name;
 use crate::pull::parse_reference;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -132,13 +133,14 @@ fn valid_name(name: &str) -> bool {
         })
 }
 
+/// The entries served under repository `name` (see `publish::served_name`), with their tags.
 fn entries_for(cache: &Cache, name: &str) -> Vec<(Entry, Option<String>)> {
     cache
         .entries()
         .into_iter()
         .filter_map(|e| {
             let r = parse_reference(&e.reference).ok()?;
-            (r.repository() == name).then(|| (e.clone(), r.tag().map(str::to_string)))
+            (served_name(&e.reference)? == name).then(|| (e.clone(), r.tag().map(str::to_string)))
         })
         .collect()
 }

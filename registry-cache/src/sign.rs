@@ -492,10 +492,9 @@ impl Signer {
         self.key.public_key()
     }
 
-    /// The `docker-reference` for a cached reference.
+    /// The `docker-reference` for a cached reference: the name the cache serves it under.
     pub fn docker_reference(&self, reference: &str) -> String {
-        let repository = crate::pull::parse_reference(reference).map(|r| r.repository().to_string());
-        format!("{}/{}", self.identity_prefix, repository.unwrap_or_default())
+        format!("{}/{}", self.identity_prefix, crate::publish::served_name(reference).unwrap_or_default())
     }
 
     /// Signs the manifest the cache serves for `reference`, stores the signature image's

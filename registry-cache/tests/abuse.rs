@@ -74,6 +74,8 @@ struct Setup {
     private: Entry,
     public: Entry,
     tally: Tally,
+    /// The registry part of the names the cache serves the artifacts under.
+    reg: String,
 }
 
 async fn setup() -> Setup {
@@ -120,7 +122,16 @@ async fn setup() -> Setup {
         b"root:x:0:0".to_vec(),
         index[..index.len().min(64)].to_vec(),
     ];
-    Setup { _registry: registry, dir, state, private, public, tally: Tally { addr, tried: 0, refused: 0, forbidden } }
+    let reg = registry.addr.to_string().replace(':', "_");
+    Setup {
+        _registry: registry,
+        dir,
+        state,
+        private,
+        public,
+        tally: Tally { addr, tried: 0, refused: 0, forbidden },
+        reg,
+    }
 }
 
 fn wasm_path(module: &str) -> String {
@@ -134,42 +145,48 @@ fn signature_payload(cache: &Cache, e: &Entry) -> String {
 
 #[tokio::test]
 async fn a_private_artifact_is_refused_to_every_client_without_proof_by_every_route() {
-    let Setup { _registry, dir, state, private, tally: mut t, .. } = setup().await;
+    let Setup { _registry, dir, state, private, tally: mut t, reg, .. } = setup().await;
     let sig_tag = sign::signature_tag(&private.manifest).expect("tag");
     let payload = signature_payload(&state.cache, &private);
     let signature = private.signature.clone().unwrap_or_default();
     // (route, the same route for an artifact that does not exist)
     let routes = [
-        ("/v2/filters/private/manifests/v1".to_string(), "/v2/filters/nothere/manifests/v1".to_string()),
+        (format!("/v2/{reg}/filters/private/manifests/v1"), format!("/v2/{reg}/filters/nothere/manifests/v1")),
         (
-            format!("/v2/filters/private/manifests/{}", private.manifest),
-            format!("/v2/filters/nothere/manifests/{}", private.manifest),
-        ),
-        (format!("/v2/filters/private/manifests/{sig_tag}"), format!("/v2/filters/nothere/manifests/{sig_tag}")),
-        (format!("/v2/filters/private/manifests/{signature}"), format!("/v2/filters/nothere/manifests/{signature}")),
-        (
-            format!("/v2/filters/private/blobs/{}", private.module),
-            format!("/v2/filters/nothere/blobs/{}", private.module),
+            format!("/v2/{reg}/filters/private/manifests/{}", private.manifest),
+            format!("/v2/{reg}/filters/nothere/manifests/{}", private.manifest),
         ),
         (
-            format!("/v2/filters/private/blobs/{}", private.config),
-            format!("/v2/filters/nothere/blobs/{}", private.config),
+            format!("/v2/{reg}/filters/private/manifests/{sig_tag}"),
+            format!("/v2/{reg}/filters/nothere/manifests/{sig_tag}"),
         ),
         (
-            format!("/v2/filters/private/blobs/{}", private.manifest),
-            format!("/v2/filters/nothere/blobs/{}", private.manifest),
+            format!("/v2/{reg}/filters/private/manifests/{signature}"),
+            format!("/v2/{reg}/filters/nothere/manifests/{signature}"),
         ),
-        (format!("/v2/filters/private/blobs/{payload}"), format!("/v2/filters/nothere/blobs/{payload}")),
-        ("/v2/filters/private/tags/list".to_string(), "/v2/filters/nothere/tags/list".to_string()),
+        (
+            format!("/v2/{reg}/filters/private/blobs/{}", private.module),
+            format!("/v2/{reg}/filters/nothere/blobs/{}", private.module),
+        ),
+        (
+            format!("/v2/{reg}/filters/private/blobs/{}", private.config),
+            format!("/v2/{reg}/filters/nothere/blobs/{}", private.config),
+        ),
+        (
+            format!("/v2/{reg}/filters/private/blobs/{}", private.manifest),
+            format!("/v2/{reg}/filters/nothere/blobs/{}", private.manifest),
+        ),
+        (format!("/v2/{reg}/filters/private/blobs/{payload}"), format!("/v2/{reg}/filters/nothere/blobs/{payload}")),
+        (format!("/v2/{reg}/filters/private/tags/list"), format!("/v2/{reg}/filters/nothere/tags/list")),
         (wasm_path(&private.module), format!("/wasm/{}.wasm", "0".repeat(64))),
         // The private module's blob asked for under the public repository's name.
         (
-            format!("/v2/filters/public/blobs/{}", private.module),
-            format!("/v2/filters/public/blobs/sha256:{}", "0".repeat(64)),
+            format!("/v2/{reg}/filters/public/blobs/{}", private.module),
+            format!("/v2/{reg}/filters/public/blobs/sha256:{}", "0".repeat(64)),
         ),
         (
-            format!("/v2/filters/public/manifests/{}", private.manifest),
-            format!("/v2/filters/public/manifests/sha256:{}", "0".repeat(64)),
+            format!("/v2/{reg}/filters/public/manifests/{}", private.manifest),
+            format!("/v2/{reg}/filters/public/manifests/sha256:{}", "0".repeat(64)),
         ),
     ];
     let no_colon = {
@@ -193,7 +210,7 @@ async fn a_private_artifact_is_refused_to_every_client_without_proof_by_every_ro
     ];
     for (route, unknown) in &routes {
         // The control: proof of access gets it.
-        if !route.starts_with("/v2/filters/public") {
+        if !route.starts_with(&format!("/v2/{reg}/filters/public")) {
             t.served("GET", route, Some(&basic(USER, PASSWORD))).await;
         }
         for method in ["GET", "HEAD"] {
@@ -203,7 +220,7 @@ async fn a_private_artifact_is_refused_to_every_client_without_proof_by_every_ro
             // and tags/list answer 404 either way (see server.rs).
             assert!(
                 anonymous.status == unknown_anonymous.status
-                    || (anonymous.status == 401 && route.starts_with("/v2/filters/private/")),
+                    || (anonymous.status == 401 && route.starts_with(&format!("/v2/{reg}/filters/private/"))),
                 "{method} {route}: {} anonymously, {} for an unknown artifact",
                 anonymous.status,
                 unknown_anonymous.status
@@ -233,7 +250,7 @@ async fn a_private_artifact_is_refused_to_every_client_without_proof_by_every_ro
 
 #[tokio::test]
 async fn forged_replayed_and_revoked_wasm_tokens_are_refused() {
-    let Setup { _registry, dir, state, private, public, tally: mut t } = setup().await;
+    let Setup { _registry, dir, state, private, public, tally: mut t, reg: _ } = setup().await;
     let path = wasm_path(&private.module);
     let token = |ns: &str, module: &str| url_token(URL_KEY, ns, module).expect("token");
     let a = token("team-a", &private.module);
@@ -300,7 +317,7 @@ async fn forged_replayed_and_revoked_wasm_tokens_are_refused() {
 
 #[tokio::test]
 async fn path_tricks_and_writes_never_reach_a_file_outside_the_cache() {
-    let Setup { _registry, dir, state, private, public, tally: mut t } = setup().await;
+    let Setup { _registry, dir, state, private, public, tally: mut t, reg } = setup().await;
     let index_before = std::fs::read(dir.path().join("index.json")).expect("index");
     let outside = format!("sha256:{}", sha256_hex(OUTSIDE_SECRET.as_bytes()));
     let orphan = format!("sha256:{}", sha256_hex(ORPHAN.as_bytes()));
@@ -311,18 +328,18 @@ async fn path_tricks_and_writes_never_reach_a_file_outside_the_cache() {
         "/v2/../../../../etc/passwd".to_string(),
         "/v2/%2e%2e/index.json".to_string(),
         "/v2/%2e%2e/%2e%2e/%2e%2e/etc/passwd".to_string(),
-        "/v2/filters/public/blobs/..%2f..%2findex.json".to_string(),
-        "/v2/filters/public/blobs/sha256:..%2f..%2findex.json".to_string(),
-        "/v2/filters/public/manifests/..%2f..%2f..%2fetc%2fpasswd".to_string(),
-        "/v2/filters/public/blobs/%2e%2e%2f%2e%2e%2findex.json".to_string(),
-        "/v2/filters/../filters/public/manifests/v1/../../../../index.json".to_string(),
+        format!("/v2/{reg}/filters/public/blobs/..%2f..%2findex.json"),
+        format!("/v2/{reg}/filters/public/blobs/sha256:..%2f..%2findex.json"),
+        format!("/v2/{reg}/filters/public/manifests/..%2f..%2f..%2fetc%2fpasswd"),
+        format!("/v2/{reg}/filters/public/blobs/%2e%2e%2f%2e%2e%2findex.json"),
+        format!("/v2/{reg}/filters/../filters/public/manifests/v1/../../../../index.json"),
         "//v2//filters//public//manifests//v1".to_string(),
         "/v2//filters/public/manifests/v1".to_string(),
-        "/v2/filters/public//manifests/v1".to_string(),
-        "/v2/filters//public/manifests/v1".to_string(),
-        "/v2/filters/public/manifests/v1/".to_string(),
-        "/v2/filters/public/manifests/v1%00".to_string(),
-        "/v2/filters/public/manifests/v1%2f..".to_string(),
+        format!("/v2/{reg}/filters/public//manifests/v1"),
+        format!("/v2/{reg}/filters//public/manifests/v1"),
+        format!("/v2/{reg}/filters/public/manifests/v1/"),
+        format!("/v2/{reg}/filters/public/manifests/v1%00"),
+        format!("/v2/{reg}/filters/public/manifests/v1%2f.."),
         "/wasm/../index.json".to_string(),
         "/wasm/..%2findex.json".to_string(),
         "/wasm/%2e%2e%2findex.json".to_string(),
@@ -340,30 +357,33 @@ async fn path_tricks_and_writes_never_reach_a_file_outside_the_cache() {
         format!("/wasm/{}.wasm", "g".repeat(64)),
         format!("/wasm/{}.wasm", digest_hex(&outside).expect("hex")),
         format!("/wasm/{}.wasm", digest_hex(&orphan).expect("hex")),
-        format!("/v2/filters/public/blobs/{outside}"),
-        format!("/v2/filters/public/manifests/{outside}"),
-        format!("/v2/filters/public/blobs/{orphan}"),
-        format!("/v2/filters/public/manifests/{orphan}"),
-        format!("/v2/filters/public/blobs/sha512:{}", "a".repeat(128)),
-        format!("/v2/filters/public/blobs/md5:{}", "a".repeat(32)),
-        format!("/v2/filters/public/blobs/sha256:{}", &hex[..63]),
-        format!("/v2/filters/public/blobs/sha256:{hex}0"),
-        format!("/v2/filters/public/blobs/sha256:{}", hex.to_uppercase()),
-        format!("/v2/filters/public/blobs/SHA256:{hex}"),
-        format!("/v2/filters/public/blobs/sha256:{}", "g".repeat(64)),
-        format!("/v2/filters/public/blobs/sha256:{hex}%00"),
-        format!("/v2/filters/public/manifests/sha256:{}", digest_hex(&public.manifest).expect("hex").to_uppercase()),
+        format!("/v2/{reg}/filters/public/blobs/{outside}"),
+        format!("/v2/{reg}/filters/public/manifests/{outside}"),
+        format!("/v2/{reg}/filters/public/blobs/{orphan}"),
+        format!("/v2/{reg}/filters/public/manifests/{orphan}"),
+        format!("/v2/{reg}/filters/public/blobs/sha512:{}", "a".repeat(128)),
+        format!("/v2/{reg}/filters/public/blobs/md5:{}", "a".repeat(32)),
+        format!("/v2/{reg}/filters/public/blobs/sha256:{}", &hex[..63]),
+        format!("/v2/{reg}/filters/public/blobs/sha256:{hex}0"),
+        format!("/v2/{reg}/filters/public/blobs/sha256:{}", hex.to_uppercase()),
+        format!("/v2/{reg}/filters/public/blobs/SHA256:{hex}"),
+        format!("/v2/{reg}/filters/public/blobs/sha256:{}", "g".repeat(64)),
+        format!("/v2/{reg}/filters/public/blobs/sha256:{hex}%00"),
+        format!(
+            "/v2/{reg}/filters/public/manifests/sha256:{}",
+            digest_hex(&public.manifest).expect("hex").to_uppercase()
+        ),
         "/v2/Filters/Public/manifests/v1".to_string(),
-        "/v2/filters/PUBLIC/manifests/v1".to_string(),
-        "/v2/filters/pub%00lic/manifests/v1".to_string(),
-        "/v2/filters/pub$lic/manifests/v1".to_string(),
-        "/v2/filters/pub%20lic/manifests/v1".to_string(),
+        format!("/v2/{reg}/filters/PUBLIC/manifests/v1"),
+        format!("/v2/{reg}/filters/pub%00lic/manifests/v1"),
+        format!("/v2/{reg}/filters/pub$lic/manifests/v1"),
+        format!("/v2/{reg}/filters/pub%20lic/manifests/v1"),
         "/v2/-filters/public/manifests/v1".to_string(),
-        "/v2/filters/public-/manifests/v1".to_string(),
+        format!("/v2/{reg}/filters/public-/manifests/v1"),
         "/v2/./filters/public/manifests/v1".to_string(),
-        "/v2/filters/./public/manifests/v1".to_string(),
-        "/v2/filters/public/tags/list/..".to_string(),
-        "/v2/filters/public/tags/../../index.json".to_string(),
+        format!("/v2/{reg}/filters/./public/manifests/v1"),
+        format!("/v2/{reg}/filters/public/tags/list/.."),
+        format!("/v2/{reg}/filters/public/tags/../../index.json"),
         "/v2/_catalog".to_string(),
         "/index.json".to_string(),
         "/blobs/sha256/".to_string() + &hex,
@@ -372,7 +392,7 @@ async fn path_tricks_and_writes_never_reach_a_file_outside_the_cache() {
         long(16 << 10),
         long(256 << 10),
         format!("/wasm/{}.wasm", "a".repeat(64 << 10)),
-        format!("/v2/filters/public/blobs/sha256:{}", "a".repeat(64 << 10)),
+        format!("/v2/{reg}/filters/public/blobs/sha256:{}", "a".repeat(64 << 10)),
     ];
     for target in &targets {
         for method in ["GET", "HEAD"] {
@@ -383,11 +403,11 @@ async fn path_tricks_and_writes_never_reach_a_file_outside_the_cache() {
     }
     // The API is read-only: no method writes, whatever the path.
     for target in [
-        "/v2/filters/public/blobs/uploads/".to_string(),
-        "/v2/filters/new/blobs/uploads/".to_string(),
-        "/v2/filters/public/manifests/v1".to_string(),
-        format!("/v2/filters/public/manifests/{}", public.manifest),
-        format!("/v2/filters/public/blobs/{}", public.module),
+        format!("/v2/{reg}/filters/public/blobs/uploads/"),
+        format!("/v2/{reg}/filters/new/blobs/uploads/"),
+        format!("/v2/{reg}/filters/public/manifests/v1"),
+        format!("/v2/{reg}/filters/public/manifests/{}", public.manifest),
+        format!("/v2/{reg}/filters/public/blobs/{}", public.module),
         wasm_path(&public.module),
         wasm_path(&private.module),
     ] {
@@ -398,38 +418,38 @@ async fn path_tricks_and_writes_never_reach_a_file_outside_the_cache() {
     // Still there, unchanged, and nothing new appeared in the cache.
     assert_eq!(std::fs::read(dir.path().join("index.json")).expect("index"), index_before);
     assert_eq!(state.cache.entries().len(), 2);
-    t.served("GET", &format!("/v2/filters/public/blobs/{}", public.module), None).await;
+    t.served("GET", &format!("/v2/{reg}/filters/public/blobs/{}", public.module), None).await;
     eprintln!("abuse, path tricks and writes: {} requests, {} refused", t.tried, t.refused);
     assert_eq!(t.tried, t.refused);
 }
 
 #[tokio::test]
 async fn head_answers_as_get_does() {
-    let Setup { _registry, dir, state, private, public, tally: t } = setup().await;
+    let Setup { _registry, dir, state, private, public, tally: t, reg } = setup().await;
     let good = basic(USER, PASSWORD);
     let token = url_token(URL_KEY, "team-a", &private.module).expect("token");
     let cases: Vec<(String, Option<String>)> = vec![
-        ("/v2/filters/public/manifests/v1".into(), None),
-        (format!("/v2/filters/public/manifests/{}", public.manifest), None),
-        (format!("/v2/filters/public/blobs/{}", public.module), None),
-        (format!("/v2/filters/public/blobs/{}", public.config), None),
-        (format!("/v2/filters/public/manifests/{}", sign::signature_tag(&public.manifest).expect("tag")), None),
-        ("/v2/filters/public/tags/list".into(), None),
+        (format!("/v2/{reg}/filters/public/manifests/v1"), None),
+        (format!("/v2/{reg}/filters/public/manifests/{}", public.manifest), None),
+        (format!("/v2/{reg}/filters/public/blobs/{}", public.module), None),
+        (format!("/v2/{reg}/filters/public/blobs/{}", public.config), None),
+        (format!("/v2/{reg}/filters/public/manifests/{}", sign::signature_tag(&public.manifest).expect("tag")), None),
+        (format!("/v2/{reg}/filters/public/tags/list"), None),
         (wasm_path(&public.module), None),
-        ("/v2/filters/private/manifests/v1".into(), Some(good.clone())),
-        (format!("/v2/filters/private/blobs/{}", private.module), Some(good.clone())),
+        (format!("/v2/{reg}/filters/private/manifests/v1"), Some(good.clone())),
+        (format!("/v2/{reg}/filters/private/blobs/{}", private.module), Some(good.clone())),
         (
-            format!("/v2/filters/private/manifests/{}", sign::signature_tag(&private.manifest).expect("tag")),
+            format!("/v2/{reg}/filters/private/manifests/{}", sign::signature_tag(&private.manifest).expect("tag")),
             Some(good.clone()),
         ),
         (wasm_path(&private.module), Some(good.clone())),
         (format!("{}?namespace=team-a&token={token}", wasm_path(&private.module)), None),
-        ("/v2/filters/private/manifests/v1".into(), None),
-        ("/v2/filters/private/manifests/v1".into(), Some(basic(USER, "guess"))),
+        (format!("/v2/{reg}/filters/private/manifests/v1"), None),
+        (format!("/v2/{reg}/filters/private/manifests/v1"), Some(basic(USER, "guess"))),
         (wasm_path(&private.module), None),
-        ("/v2/filters/nothere/manifests/v1".into(), None),
-        (format!("/v2/filters/public/blobs/sha256:{}", "0".repeat(64)), None),
-        ("/v2/filters/public/blobs/sha256:bad".into(), None),
+        (format!("/v2/{reg}/filters/nothere/manifests/v1"), None),
+        (format!("/v2/{reg}/filters/public/blobs/sha256:{}", "0".repeat(64)), None),
+        (format!("/v2/{reg}/filters/public/blobs/sha256:bad"), None),
         ("/v2/".into(), None),
         ("/v2/".into(), Some(good.clone())),
     ];
@@ -456,4 +476,48 @@ async fn head_answers_as_get_does() {
     }
     eprintln!("abuse, HEAD vs GET: {compared} routes compared");
     drop((dir, state));
+}
+
+/// The same repository path in two registries: a client naming one never gets the other, and
+/// its credentials are checked only against the registry it named.
+#[tokio::test]
+async fn the_same_path_in_two_registries_never_shares_a_name() {
+    use registry_cache::artifact::Format;
+    use registry_cache::pull::Pulled;
+    use registry_cache::server::AccessCheck;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = Arc::new(Cache::open(dir.path(), 1 << 30).expect("cache"));
+    let pulled = |reference: &str, tag: &str| Pulled {
+        reference: reference.into(),
+        upstream_digest: format!("sha256:{}", sha256_hex(reference.as_bytes())),
+        format: Format::SoloOci,
+        module: common::wasm_module(tag, 0),
+    };
+    let victim = publish::publish(&cache, &pulled("ghcr.io/victim/filter:1.0", "victim"), true).expect("publish");
+    let squatter = publish::publish(&cache, &pulled("a.example/victim/filter:1.0", "squat"), false).expect("publish");
+    let asked = Arc::new(std::sync::Mutex::new(vec![]));
+    let check: AccessCheck = {
+        let asked = Arc::clone(&asked);
+        Arc::new(move |reference, _| {
+            asked.lock().expect("lock").push(reference);
+            Box::pin(async { Ok(true) })
+        })
+    };
+    let addr = common::serve(common::serve_state(cache, Permissions::new(Duration::from_secs(60), check))).await;
+    let creds = Some(basic("victim-user", "victim-token"));
+    let get = |path: String, creds: Option<String>| async move {
+        let headers: Vec<(&str, String)> = creds.into_iter().map(|c| ("Authorization", c)).collect();
+        raw(addr, "GET", &path, &headers).await
+    };
+    let r = get("/v2/ghcr.io/victim/filter/manifests/1.0".into(), creds.clone()).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("Docker-Content-Digest"), Some(victim.manifest.clone()), "the victim's own artifact");
+    let r = get("/v2/a.example/victim/filter/manifests/1.0".into(), None).await;
+    assert_eq!(r.header("Docker-Content-Digest"), Some(squatter.manifest.clone()));
+    assert_eq!(get("/v2/victim/filter/manifests/1.0".into(), creds).await.status, 404, "an ambiguous name");
+    assert_eq!(
+        *asked.lock().expect("lock"),
+        vec!["ghcr.io/victim/filter:1.0".to_string()],
+        "credentials went elsewhere"
+    );
 }

@@ -141,8 +141,12 @@ async fn a_failing_upstream_gives_clear_errors_caches_nothing_and_the_cache_stil
     let served = || async {
         let mut bodies = vec![];
         for (path, creds, digest) in [
-            ("/v2/wasm/cached/manifests/v1".to_string(), true, private_entry.manifest.clone()),
-            (format!("/v2/wasm/cached/blobs/{}", private_entry.module), true, private_entry.module.clone()),
+            (format!("/v2/{}/manifests/v1", common::served(&private_entry)), true, private_entry.manifest.clone()),
+            (
+                format!("/v2/{}/blobs/{}", common::served(&private_entry), private_entry.module),
+                true,
+                private_entry.module.clone(),
+            ),
             (
                 format!("/wasm/{}.wasm", digest_hex(&private_entry.module).unwrap_or_default()),
                 true,
@@ -153,7 +157,7 @@ async fn a_failing_upstream_gives_clear_errors_caches_nothing_and_the_cache_stil
                 false,
                 public_entry.module.clone(),
             ),
-            ("/v2/wasm/public/manifests/v1".to_string(), false, public_entry.manifest.clone()),
+            (format!("/v2/{}/manifests/v1", common::served(&public_entry)), false, public_entry.manifest.clone()),
         ] {
             let mut request = http.get(format!("http://{addr}{path}"));
             if creds {
@@ -184,7 +188,7 @@ async fn a_failing_upstream_gives_clear_errors_caches_nothing_and_the_cache_stil
         assert_eq!(served().await, 5, "cached artifacts must be served while the upstream fails");
         // Credentials the upstream has not vouched for are refused while it cannot be asked.
         let guess = http
-            .get(format!("http://{addr}/v2/wasm/cached/manifests/v1"))
+            .get(format!("http://{addr}/v2/{}/manifests/v1", common::served(&private_entry)))
             .basic_auth(common::USER, Some("guess"))
             .send()
             .await
@@ -483,8 +487,8 @@ async fn two_hundred_concurrent_clients_get_every_byte_right() {
                 let i = if client % 2 == 0 { 0 } else { (client + round) % ARTIFACTS };
                 let e = &entries[i];
                 for (path, digest) in [
-                    (format!("/v2/load/m{i}/manifests/v1"), &e.manifest),
-                    (format!("/v2/load/m{i}/blobs/{}", e.module), &e.module),
+                    (format!("/v2/{}/manifests/v1", common::served(e)), &e.manifest),
+                    (format!("/v2/{}/blobs/{}", common::served(e), e.module), &e.module),
                     (format!("/wasm/{}.wasm", digest_hex(&e.module).unwrap_or_default()), &e.module),
                 ] {
                     let t = Instant::now();

@@ -116,7 +116,7 @@ async fn serves_private_artifacts_only_to_clients_that_prove_access_and_skopeo_c
             Some(c) => cmd.args(["--src-creds", &c]),
             None => cmd.arg("--src-no-creds"),
         };
-        cmd.arg(format!("docker://{addr}/filters/churn-guard:v1")).arg(format!("dir:{}", out.path().display()));
+        cmd.arg(format!("docker://{addr}/{}:v1", common::served(&entry))).arg(format!("dir:{}", out.path().display()));
         cmd.output()
     };
     let denied = copy(None).await.expect("skopeo (Debian package skopeo)");

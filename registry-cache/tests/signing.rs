@@ -197,7 +197,7 @@ async fn require_signature_caches_only_artifacts_signed_for_their_digest_by_a_tr
     let layers = sign::signature_layers(&manifest).expect("layers");
     let payload = cache.get_blob(&layers[0].digest).expect("read").expect("payload");
     let claims: sign::SimpleSigning = serde_json::from_slice(&payload).expect("payload json");
-    assert_eq!(claims.critical.identity.docker_reference, "cache.test:5000/wasm/signed");
+    assert_eq!(claims.critical.identity.docker_reference, format!("cache.test:5000/{}", common::served(&entry)));
     assert_eq!(claims.critical.image.docker_manifest_digest, entry.manifest);
 
     // `sign` with no reference signs every entry; an entry the cache does not hold is an error.
@@ -233,7 +233,8 @@ async fn signed_entries_are_served_under_the_cosign_tag_and_openssl_verifies_the
 
     // tags/list names the signature, to clients that prove access only.
     let http = reqwest::Client::new();
-    let tags_url = format!("http://{addr}/v2/filters/signed/tags/list");
+    let name = common::served(&entry);
+    let tags_url = format!("http://{addr}/v2/{name}/tags/list");
     let listed = http.get(&tags_url).basic_auth(USER, Some(PASSWORD)).send().await.expect("tags");
     assert_eq!(listed.status(), 200);
     let tags: serde_json::Value = listed.json().await.expect("json");
@@ -252,14 +253,13 @@ async fn signed_entries_are_served_under_the_cosign_tag_and_openssl_verifies_the
         cmd.args(&args[1..]);
         cmd
     };
-    let sig_image = format!("docker://{addr}/filters/signed:{tag}");
+    let sig_image = format!("docker://{addr}/{name}:{tag}");
     let denied = run(&mut skopeo(&["inspect", "--raw", &sig_image], false)).await;
     assert!(!denied.ok, "a private artifact's signature was served without credentials");
     let raw = run(&mut skopeo(&["inspect", "--raw", &sig_image], true)).await;
     assert!(raw.ok, "skopeo inspect: {}", raw.stderr);
     assert_eq!(format!("sha256:{}", sha256_hex(raw.stdout.as_bytes())), entry.signature.clone().unwrap_or_default());
-    let served_manifest =
-        run(&mut skopeo(&["inspect", "--raw", &format!("docker://{addr}/filters/signed:v1")], true)).await;
+    let served_manifest = run(&mut skopeo(&["inspect", "--raw", &format!("docker://{addr}/{name}:v1")], true)).await;
     assert_eq!(format!("sha256:{}", sha256_hex(served_manifest.stdout.as_bytes())), entry.manifest);
 
     let out = tempfile::tempdir().expect("tempdir");
@@ -288,5 +288,5 @@ async fn signed_entries_are_served_under_the_cosign_tag_and_openssl_verifies_the
     let claims: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&payload_path).expect("payload")).expect("json");
     assert_eq!(claims["critical"]["image"]["docker-manifest-digest"], entry.manifest.as_str());
-    assert_eq!(claims["critical"]["identity"]["docker-reference"], "cache.test:5000/filters/signed");
+    assert_eq!(claims["critical"]["identity"]["docker-reference"], format!("cache.test:5000/{name}"));
 }

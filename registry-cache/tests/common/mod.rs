@@ -91,6 +91,11 @@ pub async fn serve(state: Arc<AppState>) -> SocketAddr {
     addr
 }
 
+/// The repository name the cache serves `entry` under.
+pub fn served(entry: &registry_cache::cache::Entry) -> String {
+    registry_cache::publish::served_name(&entry.reference).expect("a served name")
+}
+
 pub fn serve_state(cache: Arc<Cache>, permissions: Permissions) -> Arc<AppState> {
     AppState::new(cache, permissions)
 }
