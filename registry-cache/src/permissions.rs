@@ -32,21 +32,33 @@ pub type AccessCheck =
 
 type CredentialKey = (String, [u8; 32]);
 
+/// `(namespace, repository)` → hashes of the credentials the namespace reads it with.
+pub type NamespaceBindings = HashMap<(String, String), Vec<[u8; 32]>>;
+
 #[derive(Clone)]
 struct Grant {
     allowed: bool,
     checked: Instant,
+    /// Last asked about: grants nobody asks about are dropped instead of re-checked.
+    used: Instant,
     /// Kept to re-check in the background.
     reference: String,
     auth: RegistryAuth,
 }
 
+/// At most this many answers are kept (least recently used go first): each client with new
+/// credentials adds one, so the table must not grow with what clients send.
+pub const MAX_GRANTS: usize = 10_000;
+
+/// Background re-checks run this many at a time, so one slow registry does not hold up the rest.
+const REFRESH_CONCURRENCY: usize = 8;
+
 pub struct Permissions {
     ttl: Duration,
     check: AccessCheck,
     grants: Mutex<HashMap<CredentialKey, Grant>>,
-    /// (namespace, repository) -> the credentials the namespace's policy uses for it.
-    namespaces: Mutex<HashMap<(String, String), [u8; 32]>>,
+    /// (namespace, repository) -> the credentials the namespace's policies use for it.
+    namespaces: Mutex<NamespaceBindings>,
     url_key: Vec<u8>,
 }
 
@@ -112,7 +124,10 @@ impl Permissions {
     pub async fn allows_reference(&self, reference: &str, auth: Option<RegistryAuth>) -> bool {
         let Some(auth) = auth else { return false };
         let key = (repository_of(reference), credential_hash(&auth));
-        let known = lock(&self.grants).get(&key).map(|g| (g.allowed, g.checked.elapsed()));
+        let known = lock(&self.grants).get_mut(&key).map(|g| {
+            g.used = Instant::now();
+            (g.allowed, g.checked.elapsed())
+        });
         if let Some((allowed, age)) = known {
             if age < self.ttl.saturating_mul(2) {
                 return allowed;
@@ -133,13 +148,25 @@ impl Permissions {
     /// Records what the upstream said about `auth` and `reference`, e.g. after a pull with it.
     pub fn record(&self, reference: &str, auth: &RegistryAuth, allowed: bool) {
         let key = (repository_of(reference), credential_hash(auth));
-        let grant = Grant { allowed, checked: Instant::now(), reference: reference.to_string(), auth: auth.clone() };
-        lock(&self.grants).insert(key, grant);
+        let now = Instant::now();
+        let grant = Grant { allowed, checked: now, used: now, reference: reference.to_string(), auth: auth.clone() };
+        let mut grants = lock(&self.grants);
+        if grants.len() >= MAX_GRANTS && !grants.contains_key(&key) {
+            if let Some(oldest) = grants.iter().min_by_key(|(_, g)| g.used).map(|(k, _)| k.clone()) {
+                grants.remove(&oldest);
+            }
+        }
+        grants.insert(key, grant);
+    }
+
+    /// How many answers are kept.
+    pub fn grant_count(&self) -> usize {
+        lock(&self.grants).len()
     }
 
     /// Namespace `namespace` uses `auth` (its pull secret) for `reference`.
     pub fn bind_namespace(&self, namespace: &str, reference: &str, auth: &RegistryAuth) {
-        lock(&self.namespaces).insert((namespace.to_string(), repository_of(reference)), credential_hash(auth));
+        lock(&self.namespaces).insert((namespace.to_string(), repository_of(reference)), vec![credential_hash(auth)]);
     }
 
     /// The policy is gone: the namespace no longer gets the artifact by token.
@@ -147,13 +174,20 @@ impl Permissions {
         lock(&self.namespaces).remove(&(namespace.to_string(), repository_of(reference)));
     }
 
+    /// Replaces every binding: the pre-puller's view of which namespace reads what, with
+    /// which credentials (see `sources::Bindings`).
+    pub fn set_bindings(&self, bindings: NamespaceBindings) {
+        *lock(&self.namespaces) = bindings;
+    }
+
     /// Whether `namespace` is bound to `reference` through credentials the upstream accepts.
     pub fn namespace_allows(&self, namespace: &str, reference: &str) -> bool {
         let repository = repository_of(reference);
-        let Some(hash) = lock(&self.namespaces).get(&(namespace.to_string(), repository.clone())).copied() else {
+        let Some(hashes) = lock(&self.namespaces).get(&(namespace.to_string(), repository.clone())).cloned() else {
             return false;
         };
-        lock(&self.grants).get(&(repository, hash)).is_some_and(|g| g.allowed)
+        let grants = lock(&self.grants);
+        hashes.into_iter().any(|hash| grants.get(&(repository.clone(), hash)).is_some_and(|g| g.allowed))
     }
 
     /// The token for `namespace` to fetch `module` (a sha256 digest) by URL.
@@ -175,14 +209,38 @@ impl Permissions {
 
     /// Re-checks every answer older than half the TTL. A failed check keeps the answer.
     pub async fn refresh(&self) -> RefreshReport {
-        let due: Vec<(CredentialKey, Grant)> = lock(&self.grants)
+        use futures::StreamExt as _;
+        let bound: std::collections::HashSet<CredentialKey> = lock(&self.namespaces)
             .iter()
-            .filter(|(_, g)| g.checked.elapsed() >= self.ttl / 2)
-            .map(|(k, g)| (k.clone(), g.clone()))
+            .flat_map(|((_, repository), hashes)| hashes.iter().map(|h| (repository.clone(), *h)))
             .collect();
         let mut report = RefreshReport::default();
-        for (key, grant) in due {
-            match (self.check)(grant.reference.clone(), grant.auth.clone()).await {
+        let due: Vec<(CredentialKey, Grant)> = {
+            let mut grants = lock(&self.grants);
+            // Refusals are asked again on next use, not kept fresh; answers nobody used for two
+            // TTLs, unless a namespace is bound through them, likewise.
+            let before = grants.len();
+            grants.retain(|k, g| {
+                let stale = g.checked.elapsed() >= self.ttl;
+                let unused = g.used.elapsed() >= self.ttl.saturating_mul(2) && !bound.contains(k);
+                !((!g.allowed && stale) || (g.allowed && unused))
+            });
+            report.dropped = before - grants.len();
+            grants
+                .iter()
+                .filter(|(_, g)| g.allowed && g.checked.elapsed() >= self.ttl / 2)
+                .map(|(k, g)| (k.clone(), g.clone()))
+                .collect()
+        };
+        let checks = futures::stream::iter(due)
+            .map(|(key, grant)| async move {
+                let answer = (self.check)(grant.reference.clone(), grant.auth.clone()).await;
+                (key, grant, answer)
+            })
+            .buffer_unordered(REFRESH_CONCURRENCY);
+        tokio::pin!(checks);
+        while let Some((key, grant, answer)) = checks.next().await {
+            match answer {
                 Ok(allowed) => {
                     report.checked += 1;
                     if grant.allowed && !allowed {
@@ -218,6 +276,8 @@ pub struct RefreshReport {
     pub checked: usize,
     pub revoked: usize,
     pub failed: usize,
+    /// Refusals and unused answers forgotten.
+    pub dropped: usize,
 }
 
 #[cfg(test)]
@@ -254,17 +314,38 @@ mod tests {
         assert_eq!(asked.load(Ordering::SeqCst), 1, "the second answer must come from memory");
         assert!(!p.allows_reference(IMAGE, Some(RegistryAuth::Basic("u".into(), "guess".into()))).await);
         assert!(!p.allows_reference(IMAGE, None).await);
-        let p = Permissions { ttl: Duration::ZERO, ..p };
+        // Re-checks are due after half the TTL; answers used within two TTLs are kept.
+        let p = Permissions { ttl: Duration::from_secs(2), ..p };
+        tokio::time::sleep(Duration::from_millis(1100)).await;
 
         *lock(&answer) = None;
+        let asked_before = asked.load(Ordering::SeqCst);
         let report = p.refresh().await;
-        assert_eq!(report.failed, 2);
+        assert_eq!(report.failed, 1, "only the good answer is kept fresh; refusals are not re-checked");
+        assert_eq!(asked.load(Ordering::SeqCst), asked_before + 1);
         assert!(p.allows_reference(IMAGE, good.clone()).await, "a failed re-check must not revoke a good answer");
 
         *lock(&answer) = Some(false);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
         let report = p.refresh().await;
         assert_eq!(report.revoked, 1);
         assert!(!p.allows_reference(IMAGE, good).await, "the upstream saying no revokes");
+    }
+
+    #[tokio::test]
+    async fn the_answer_table_is_bounded_whatever_clients_send() {
+        let p = Permissions::new(Duration::from_secs(60), upstream(Arc::new(Mutex::new(Some(false))), Arc::default()));
+        let good = RegistryAuth::Basic("u".into(), "p".into());
+        p.record(IMAGE, &good, true);
+        for i in 0..MAX_GRANTS + 50 {
+            // Guessed credentials, each refused upstream and remembered.
+            assert!(!p.allows_reference(IMAGE, Some(RegistryAuth::Basic("u".into(), format!("guess-{i}")))).await);
+            if i % 1000 == 0 {
+                assert!(p.allows_reference(IMAGE, Some(good.clone())).await, "a used answer stays");
+            }
+        }
+        assert_eq!(p.grant_count(), MAX_GRANTS);
+        assert!(p.allows_reference(IMAGE, Some(good)).await);
     }
 
     #[tokio::test]

@@ -238,7 +238,7 @@ async fn distribution(
     if digest_hex(&digest).is_err() {
         return oci_error(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "invalid digest");
     }
-    match s.cache.get_blob(&digest) {
+    match read_blob(&s.cache, &digest).await {
         Ok(Some(bytes)) => {
             s.cache.touch(&entry.reference);
             s.count(kind, "served");
@@ -258,6 +258,15 @@ async fn distribution(
 struct WasmQuery {
     namespace: Option<String>,
     token: Option<String>,
+}
+
+/// Reads and verifies a blob off the async workers: hashing a large module must not stall
+/// every other request (or the health probes) on this worker.
+async fn read_blob(cache: &Arc<Cache>, digest: &str) -> Result<Option<Vec<u8>>, crate::cache::CacheError> {
+    let (cache, digest) = (Arc::clone(cache), digest.to_string());
+    tokio::task::spawn_blocking(move || cache.get_blob(&digest))
+        .await
+        .unwrap_or_else(|e| Err(crate::cache::CacheError::Io { path: "blob".into(), source: std::io::Error::other(e) }))
 }
 
 /// `GET /wasm/<sha256>.wasm`, for `type: HTTP` code sources pinned by sha256. Envoy fetches
@@ -297,7 +306,7 @@ async fn wasm_file(
         s.count("wasm", if entries.is_empty() { "unknown" } else { "denied" });
         return (StatusCode::NOT_FOUND, "not found").into_response();
     };
-    match s.cache.get_blob(&digest) {
+    match read_blob(&s.cache, &digest).await {
         Ok(Some(bytes)) => {
             s.cache.touch(&entry.reference);
             s.count("wasm", "served");

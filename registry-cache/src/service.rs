@@ -74,13 +74,8 @@ impl Service {
         let hook: sources::AccessHook = Arc::new(move |event| {
             let Some(s) = hook_state.upgrade() else { return };
             match event {
-                AccessEvent::Checked { namespace, image, auth, allowed } => {
-                    s.permissions.record(image, auth, allowed);
-                    if let (Some(namespace), true) = (namespace, allowed) {
-                        s.permissions.bind_namespace(namespace, image, auth);
-                    }
-                }
-                AccessEvent::Released { namespace, image } => s.permissions.unbind_namespace(namespace, image),
+                AccessEvent::Checked { image, auth, allowed, .. } => s.permissions.record(image, auth, allowed),
+                AccessEvent::Bindings(bindings) => s.permissions.set_bindings(bindings.clone()),
             }
         });
         let prefetcher = sources::start(&options.settings, fetcher, hook).await?;

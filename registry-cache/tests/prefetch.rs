@@ -333,3 +333,66 @@ async fn denied_and_missing_secrets() {
     assert!(matches!(status, Some(TargetStatus::Failed(ref e)) if e.contains("not found")), "{status:?}");
     p.resync("test", vec![]);
 }
+
+/// Which namespace may fetch which private module by URL follows the policies as they are now:
+/// every namespace whose secret read the image, per repository, and nothing for a policy
+/// deleted while its pull was running.
+#[tokio::test]
+async fn namespace_bindings_follow_policies_and_credentials() {
+    use registry_cache::permissions::credential_hash;
+    use registry_cache::sources::Bindings;
+    let fetcher = Arc::new(CountingFetcher { delay: Some(Duration::from_millis(50)), ..Default::default() });
+    let secrets = FileSecrets::default();
+    let mut map = std::collections::BTreeMap::new();
+    for ns in ["a", "b", "c", "d"] {
+        let d = registry_cache::sources::documents(&secret_yaml(ns, "one", "registry.example.com", "alice", "pw"));
+        let cfg = base64::engine::general_purpose::STANDARD
+            .decode(d.unwrap()[0]["data"][".dockerconfigjson"].as_str().unwrap());
+        map.insert(SecretRef { namespace: ns.into(), name: "one".into() }, cfg.unwrap());
+    }
+    secrets.replace(map);
+    let bindings: Arc<Mutex<Bindings>> = Arc::default();
+    let seen = Arc::clone(&bindings);
+    let hook: AccessHook = Arc::new(move |event| {
+        if let AccessEvent::Bindings(b) = event {
+            *seen.lock().unwrap() = b.clone();
+        }
+    });
+    let config = PrefetchConfig { always_refresh: Duration::ZERO, ..PrefetchConfig::default() };
+    let p = Prefetcher::new(config, Arc::clone(&fetcher) as Arc<dyn ImageFetcher>, Arc::new(secrets), hook, &["t"]);
+    let one = "        pullSecretRef:\n          name: one\n";
+    let repo = "registry.example.com/team-a/auth".to_string();
+    let alice = credential_hash(&RegistryAuth::Basic("alice".into(), "pw".into()));
+    let bound = |ns: &str| bindings.lock().unwrap().get(&(ns.to_string(), repo.clone())) == Some(&vec![alice]);
+
+    p.resync(
+        "t",
+        vec![
+            record("a", "p1", "1", PRIVATE, one),
+            record("a", "p2", "1", "registry.example.com/team-a/auth:v2", one),
+            // The same credentials in another namespace share the pull, and still bind.
+            record("b", "p3", "1", PRIVATE, one),
+        ],
+    );
+    p.wait_ready().await;
+    p.wait_idle().await;
+    assert!(bound("a") && bound("b"), "{:?}", bindings.lock().unwrap());
+
+    // One of two tags of the repository goes: the namespace keeps the repository.
+    p.delete("t", "a", "p1");
+    assert!(bound("a"), "a still has p2 for the same repository");
+    p.delete("t", "a", "p2");
+    assert!(!bound("a") && bound("b"));
+
+    // Deleted while its pull runs: the late success binds nothing.
+    p.upsert("t", record("c", "p4", "1", "registry.example.com/team-a/auth:v3", one));
+    p.delete("t", "c", "p4");
+    p.wait_idle().await;
+    assert!(!bound("c"), "a deleted policy's namespace was bound");
+
+    // Refused credentials bind nothing.
+    fetcher.denied.lock().unwrap().insert("registry.example.com/team-a/auth:v4".into());
+    p.upsert("t", record("d", "p5", "1", "registry.example.com/team-a/auth:v4", one));
+    p.wait_idle().await;
+    assert!(!bound("d"));
+}

@@ -41,7 +41,7 @@ pub mod kubernetes;
 
 use crate::auth;
 use crate::cache::Cache;
-use crate::permissions::credential_hash;
+use crate::permissions::{credential_hash, repository_of};
 use crate::publish;
 use crate::pull::{parse_reference, PullError, Puller};
 use crate::sign::Signer;
@@ -210,14 +210,19 @@ pub trait SecretSource: Send + Sync + 'static {
         -> BoxFuture<'a, Result<Option<Vec<u8>>, String>>;
 }
 
+/// Which credentials each namespace reads each repository with: `(namespace, repository)` →
+/// hashes of the pull-secret credentials (`permissions::credential_hash`) of its current
+/// policies' images whose last pull or check succeeded.
+pub type Bindings = crate::permissions::NamespaceBindings;
+
 /// What the pre-puller learnt about access, for the permission layer (`permissions::Permissions`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AccessEvent<'a> {
     /// The registry said whether `auth` may read `image`: after a pull with it, or a check.
     /// `namespace` is the namespace whose pull secret `auth` is (None: anonymous).
     Checked { namespace: Option<&'a str>, image: &'a str, auth: &'a RegistryAuth, allowed: bool },
-    /// No policy in `namespace` uses `image` with that namespace's pull secret any more.
-    Released { namespace: &'a str, image: &'a str },
+    /// The whole set of namespace bindings, whenever it changes; the last one sent is current.
+    Bindings(&'a Bindings),
 }
 
 /// Told every [`AccessEvent`], in order.
@@ -337,6 +342,8 @@ struct TargetState {
     settled: bool,
     status: TargetStatus,
     last_ok: Option<Instant>,
+    /// The credentials the last definitive outcome was for: the secret's content may change.
+    credential: Option<[u8; 32]>,
 }
 
 struct State {
@@ -359,6 +366,8 @@ struct Inner {
     /// Last successful pull per (image, credential hash): targets that share credentials share pulls.
     pulled: Mutex<HashMap<(String, [u8; 32]), PullSlot>>,
     ready: watch::Sender<bool>,
+    /// The bindings last sent to the hook.
+    bindings: Mutex<Option<Bindings>>,
 }
 
 /// The source-independent pre-puller. Cheap to clone.
@@ -400,6 +409,7 @@ impl Prefetcher {
                 state: Mutex::new(state),
                 pulled: Mutex::default(),
                 ready,
+                bindings: Mutex::default(),
             }),
         };
         if !this.inner.config.always_refresh.is_zero() {
@@ -501,7 +511,6 @@ impl Prefetcher {
     /// Applies a change to the policy set and reconciles the targets.
     fn change(&self, apply: impl FnOnce(&mut State)) {
         let mut to_start = vec![];
-        let mut released: Vec<(String, String)>;
         {
             let mut s = self.lock();
             let before: BTreeMap<PolicyKey, String> =
@@ -530,17 +539,7 @@ impl Prefetcher {
                     entry.1 |= changed;
                 }
             }
-            released = s
-                .targets
-                .keys()
-                .filter(|t| !wanted.contains_key(*t))
-                .filter_map(|t| Some((t.secret.as_ref()?.namespace.clone(), t.image.clone())))
-                .collect();
             s.targets.retain(|t, _| wanted.contains_key(t));
-            // Still wanted with another secret of the same namespace: not released.
-            released.retain(|(ns, image)| {
-                !s.targets.keys().any(|t| &t.image == image && t.secret.as_ref().is_some_and(|r| &r.namespace == ns))
-            });
             for (target, (policy, changed)) in wanted {
                 let state = s.targets.entry(target.clone()).or_insert_with(|| TargetState {
                     policy,
@@ -550,6 +549,7 @@ impl Prefetcher {
                     settled: false,
                     status: TargetStatus::Pending,
                     last_ok: None,
+                    credential: None,
                 });
                 let fresh = state.wanted == 0;
                 let became_always = policy == PullPolicy::Always && state.policy != PullPolicy::Always;
@@ -567,9 +567,7 @@ impl Prefetcher {
                 }
             }
         }
-        for (namespace, image) in &released {
-            (self.inner.hook)(AccessEvent::Released { namespace, image });
-        }
+        self.publish_bindings();
         for target in to_start {
             self.spawn(target);
         }
@@ -601,8 +599,9 @@ impl Prefetcher {
                 let Some(t) = s.targets.get(&target) else { return };
                 (t.wanted, t.policy, t.wanted_at)
             };
-            let attempt = self.attempt(&target, policy, wanted_at).await;
-            let next = self.record_attempt(&target, generation, attempt, &mut failures);
+            let (attempt, credential) = self.attempt(&target, policy, wanted_at).await;
+            let next = self.record_attempt(&target, generation, attempt, credential, &mut failures);
+            self.publish_bindings();
             self.check_ready();
             match next {
                 None => return,
@@ -619,22 +618,26 @@ impl Prefetcher {
         target: &Target,
         generation: u64,
         attempt: Attempt,
+        credential: Option<[u8; 32]>,
         failures: &mut u32,
     ) -> Option<Duration> {
         let config = &self.inner.config;
         let mut s = self.lock();
+        // Gone while the attempt ran: nothing to record, nothing to bind.
         let t = s.targets.get_mut(target)?;
         match attempt {
             Attempt::Done => {
                 t.status = TargetStatus::Ready;
                 t.last_ok = Some(Instant::now());
                 t.settled = true;
+                t.credential = credential;
                 *failures = 0;
             }
             Attempt::GiveUp(e) => {
                 tracing::warn!(image = %target.image, error = %e, "not pre-pulled");
                 t.status = TargetStatus::Failed(e);
                 t.settled = true;
+                t.credential = None;
             }
             Attempt::Retry(e) => {
                 *failures += 1;
@@ -658,6 +661,26 @@ impl Prefetcher {
         }
     }
 
+    /// Sends the current bindings if they changed. Computed and sent under one lock, so the
+    /// last set sent is always the current one, whichever task sends it.
+    fn publish_bindings(&self) {
+        let mut last = self.inner.bindings.lock().unwrap_or_else(|e| e.into_inner());
+        let mut bindings = Bindings::new();
+        for (target, t) in &self.lock().targets {
+            if let (Some(secret), Some(credential), TargetStatus::Ready) = (&target.secret, t.credential, &t.status) {
+                let key = (secret.namespace.clone(), repository_of(&target.image));
+                let hashes = bindings.entry(key).or_default();
+                if !hashes.contains(&credential) {
+                    hashes.push(credential);
+                }
+            }
+        }
+        if last.as_ref() != Some(&bindings) {
+            (self.inner.hook)(AccessEvent::Bindings(&bindings));
+            *last = Some(bindings);
+        }
+    }
+
     fn tell(&self, target: &Target, auth: &RegistryAuth, allowed: bool) {
         let namespace = target.secret.as_ref().map(|s| s.namespace.as_str());
         (self.inner.hook)(AccessEvent::Checked { namespace, image: &target.image, auth, allowed });
@@ -677,11 +700,23 @@ impl Prefetcher {
         Ok(auth::for_registry(&auths, reference.resolve_registry()))
     }
 
-    async fn attempt(&self, target: &Target, policy: PullPolicy, wanted_at: Instant) -> Attempt {
+    /// One attempt, and the hash of the credentials it was made with (None: no secret read).
+    async fn attempt(&self, target: &Target, policy: PullPolicy, wanted_at: Instant) -> (Attempt, Option<[u8; 32]>) {
         let auth = match self.resolve_auth(target).await {
             Ok(a) => a,
-            Err(attempt) => return attempt,
+            Err(attempt) => return (attempt, None),
         };
+        let credential = target.secret.as_ref().map(|_| credential_hash(&auth));
+        (self.attempt_with(target, policy, wanted_at, auth).await, credential)
+    }
+
+    async fn attempt_with(
+        &self,
+        target: &Target,
+        policy: PullPolicy,
+        wanted_at: Instant,
+        auth: RegistryAuth,
+    ) -> Attempt {
         let key = (target.image.clone(), credential_hash(&auth));
         let slot = {
             let mut pulled = self.inner.pulled.lock().unwrap_or_else(|e| e.into_inner());
