@@ -6,6 +6,9 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
+use reqwest::header::{ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
+use reqwest::{Method, StatusCode};
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -78,6 +81,9 @@ pub struct Pulled {
 
 pub struct Puller {
     options: PullOptions,
+    /// For access checks. Built once so that checks reuse connections; it holds no
+    /// credentials (each request carries its own). An `Err` (a bad extra CA) fails every check.
+    http: Result<reqwest::Client, String>,
 }
 
 /// Parses an image reference, refusing one whose normalised form (`whole()`, what the cache
@@ -100,7 +106,8 @@ pub fn parse_reference(image: &str) -> Result<Reference, PullError> {
 
 impl Puller {
     pub fn new(options: PullOptions) -> Self {
-        Self { options }
+        let http = check_client(&options);
+        Self { options, http }
     }
 
     /// A client for one operation. oci-client remembers the first credentials it is given for
@@ -266,21 +273,229 @@ impl Puller {
     }
 
     /// Whether `auth` may read `image` at the upstream registry: the proof a client gives
-    /// before a private artifact is served to it.
+    /// before a private artifact is served to it, and what tells a refused pull secret from an
+    /// outage. `Ok(false)` revokes grants and stops pre-pull retries, so it is the answer only
+    /// when the registry or its token service explicitly refuses these credentials. Anything
+    /// else (unreachable, too slow, 5xx, 429, a challenge or token we cannot read) is `Err`, on
+    /// which callers keep their previous answer.
+    ///
+    /// The distribution auth flow is spoken here rather than through oci-client: oci-client
+    /// reports any failed token request (a 503 as much as a 401) as `AuthenticationFailure`, and
+    /// retries anonymously on it, so a token-service outage looked like a refusal.
     pub async fn can_read(&self, image: &str, auth: &RegistryAuth) -> Result<bool, String> {
         let reference = parse_reference(image).map_err(|e| e.to_string())?;
-        match self.client().fetch_manifest_digest(&reference, auth).await {
-            Ok(_) => Ok(true),
-            Err(oci_client::errors::OciDistributionError::AuthenticationFailure(_))
-            | Err(oci_client::errors::OciDistributionError::UnauthorizedError { .. }) => Ok(false),
-            Err(e) => Err(describe(&e)),
+        // A check is three small responses at most: bounding the whole of it (not only each
+        // wait) keeps a registry that trickles from holding a permission decision.
+        let limit = self.options.read_timeout.min(CHECK_TIMEOUT);
+        tokio::time::timeout(limit, self.check_access(&reference, auth))
+            .await
+            .unwrap_or_else(|_| Err(format!("checking access to {image}: no answer within {}s", limit.as_secs_f32())))
+    }
+
+    async fn check_access(&self, reference: &Reference, auth: &RegistryAuth) -> Result<bool, String> {
+        let http = self.http.as_ref().map_err(Clone::clone)?;
+        let registry = reference.resolve_registry();
+        // As oci-client's `ClientProtocol::HttpsExcept`: plain HTTP only for hosts listed as is.
+        let scheme = if self.options.insecure_registries.iter().any(|r| r == registry) { "http" } else { "https" };
+        let basic = match auth {
+            RegistryAuth::Basic(user, password) => {
+                use base64::Engine as _;
+                Some(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+                ))
+            }
+            _ => None,
+        };
+        let authorization = match auth {
+            // A token the client already holds is presented as is, as oci-client does.
+            RegistryAuth::Bearer(token) => Some(format!("Bearer {token}")),
+            _ => match challenge(http, &format!("{scheme}://{registry}/v2/")).await? {
+                Challenge::Bearer { realm, service } => {
+                    let scope = format!("repository:{}:pull", reference.repository());
+                    match bearer_token(http, &realm, service.as_deref(), &scope, basic.as_deref()).await? {
+                        Some(token) => Some(format!("Bearer {token}")),
+                        None => return Ok(false),
+                    }
+                }
+                // Basic, or no authentication at /v2/: the credentials go with the request itself.
+                Challenge::Basic | Challenge::None => basic,
+            },
+        };
+        let tag_or_digest = reference.digest().or(reference.tag()).unwrap_or("latest");
+        let url = format!("{scheme}://{registry}/v2/{}/manifests/{tag_or_digest}", reference.repository());
+        let manifest = |method| {
+            let request = http.request(method, &url).header(ACCEPT, format!("{OCI_MANIFEST}, {DOCKER_MANIFEST}"));
+            match &authorization {
+                Some(value) => request.header(AUTHORIZATION, value),
+                None => request,
+            }
+        };
+        let mut status = send(manifest(Method::HEAD)).await?.status();
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            // Registries may refuse HEAD on manifests; the GET's body is not read.
+            status = send(manifest(Method::GET)).await?.status();
         }
+        match status.as_u16() {
+            200..=299 => Ok(true),
+            // 404 is NAME_UNKNOWN or MANIFEST_UNKNOWN (a HEAD has no body to tell which), and
+            // registries answer it for private repositories they will not disclose: either way,
+            // these credentials cannot read this image.
+            401 | 403 | 404 => Ok(false),
+            _ => Err(format!("{url}: HTTP {status}")),
+        }
+    }
+}
+
+/// Longest an access check may take, when `read_timeout` does not make it shorter.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A token endpoint's answer is a few KiB; more is not a token.
+const MAX_TOKEN_RESPONSE_BYTES: usize = 64 << 10;
+
+fn check_client(options: &PullOptions) -> Result<reqwest::Client, String> {
+    let mut builder =
+        reqwest::Client::builder().connect_timeout(options.read_timeout).read_timeout(options.read_timeout);
+    for pem in &options.extra_ca_pem {
+        for certificate in reqwest::Certificate::from_pem_bundle(pem).map_err(|e| describe(&e))? {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    builder.build().map_err(|e| describe(&e))
+}
+
+async fn send(request: reqwest::RequestBuilder) -> Result<reqwest::Response, String> {
+    request.send().await.map_err(|e| describe(&e))
+}
+
+/// How the registry asks to be authenticated, from its answer to `GET /v2/`.
+enum Challenge {
+    None,
+    Basic,
+    Bearer { realm: String, service: Option<String> },
+}
+
+async fn challenge(http: &reqwest::Client, url: &str) -> Result<Challenge, String> {
+    let response = send(http.get(url)).await?;
+    if response.status().is_success() {
+        return Ok(Challenge::None);
+    }
+    if response.status() != StatusCode::UNAUTHORIZED {
+        return Err(format!("{url}: HTTP {}", response.status()));
+    }
+    let challenges: Vec<_> = response
+        .headers()
+        .get_all(WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|value| parse_challenge(value.to_str().ok()?))
+        .collect();
+    if let Some((_, params)) = challenges.iter().find(|(scheme, _)| scheme == "bearer") {
+        let realm = params.get("realm").ok_or_else(|| format!("{url}: Bearer challenge without a realm"))?;
+        return Ok(Challenge::Bearer { realm: realm.clone(), service: params.get("service").cloned() });
+    }
+    if challenges.iter().any(|(scheme, _)| scheme == "basic") {
+        return Ok(Challenge::Basic);
+    }
+    Err(format!("{url}: HTTP 401 without a Bearer or Basic challenge"))
+}
+
+/// A pull token for `scope` from the token service at `realm`, presenting `basic` (or nothing,
+/// for an anonymous token). `None`: the service refused these credentials.
+async fn bearer_token(
+    http: &reqwest::Client,
+    realm: &str,
+    service: Option<&str>,
+    scope: &str,
+    basic: Option<&str>,
+) -> Result<Option<String>, String> {
+    let mut request = http.get(realm).query(&[("scope", scope)]);
+    if let Some(service) = service {
+        request = request.query(&[("service", service)]);
+    }
+    if let Some(basic) = basic {
+        request = request.header(AUTHORIZATION, basic);
+    }
+    let mut response = send(request).await?;
+    match response.status() {
+        StatusCode::OK => {}
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Ok(None),
+        status => return Err(format!("token service {realm}: HTTP {status}")),
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| format!("token service {realm}: {}", describe(&e)))? {
+        body.extend_from_slice(&chunk);
+        if body.len() > MAX_TOKEN_RESPONSE_BYTES {
+            return Err(format!("token service {realm}: answer over {MAX_TOKEN_RESPONSE_BYTES} bytes"));
+        }
+    }
+    // Docker's token services answer `token`; OAuth2-style ones `access_token`.
+    #[derive(serde::Deserialize)]
+    struct Token {
+        token: Option<String>,
+        access_token: Option<String>,
+    }
+    let answer: Token =
+        serde_json::from_slice(&body).map_err(|e| format!("token service {realm}: unreadable answer: {e}"))?;
+    match answer.token.or(answer.access_token) {
+        Some(token) if !token.is_empty() => Ok(Some(token)),
+        _ => Err(format!("token service {realm}: answer without a token")),
+    }
+}
+
+/// `Bearer realm="https://auth.example/token",service="registry.example"` as the lower-case
+/// scheme and the parameters (lower-case names). `None` when malformed.
+fn parse_challenge(header: &str) -> Option<(String, HashMap<String, String>)> {
+    let header = header.trim();
+    let (scheme, rest) = header.split_once(char::is_whitespace).unwrap_or((header, ""));
+    let mut params = HashMap::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        while chars.next_if(|c| *c == ',' || c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            return Some((scheme.to_ascii_lowercase(), params));
+        }
+        let mut name = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=') {
+            name.push(c);
+        }
+        chars.next()?;
+        let mut value = String::new();
+        if chars.next_if_eq(&'"').is_some() {
+            // A quoted string (a scope's commas are inside one), with backslash escapes.
+            loop {
+                match chars.next()? {
+                    '"' => break,
+                    '\\' => value.push(chars.next()?),
+                    c => value.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.next_if(|c| *c != ',') {
+                value.push(c);
+            }
+        }
+        params.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn challenges_parse_with_quoted_commas_and_refuse_malformed_ones() {
+        let (scheme, params) = parse_challenge(
+            r#"Bearer realm="https://auth.example/token",service="reg \"x\"", scope="repository:a/b:pull,push""#,
+        )
+        .unwrap();
+        assert_eq!(scheme, "bearer");
+        assert_eq!(params["realm"], "https://auth.example/token");
+        assert_eq!(params["service"], r#"reg "x""#);
+        assert_eq!(params["scope"], "repository:a/b:pull,push");
+        assert_eq!(parse_challenge(r#"Basic realm=Registry"#).unwrap().1["realm"], "Registry");
+        assert!(parse_challenge(r#"Bearer realm="https://unterminated"#).is_none());
+        assert!(parse_challenge("Bearer realm").is_none());
+    }
 
     /// Found by `cargo fuzz run cache_reference`: accepted, then stored as a reference that
     /// does not parse.
