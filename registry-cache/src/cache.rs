@@ -10,14 +10,21 @@
 //! same way after its blobs are in place: a process killed at any point leaves either the old
 //! state or the new one, never a half-written entry. Blobs are verified against their digest
 //! on every read; one that does not match is deleted with the entries that use it.
+//!
+//! A publish stores its blobs before it records the entry that uses them. Meanwhile another
+//! thread's `record` may evict an entry that used the same blob (the `{}` config, a module
+//! shared by two tags) and delete it. Blobs are therefore stored through a [`Staging`], which
+//! pins them until its entry is recorded: eviction never deletes a pinned blob. `record` also
+//! refuses an entry one of whose blobs is missing, so the index never names a blob that is not
+//! on disk.
 
 use crate::artifact::{digest_hex, sha256_hex};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -27,6 +34,8 @@ pub enum CacheError {
     Corrupt(String),
     #[error("{0}")]
     Digest(#[from] crate::artifact::ArtifactError),
+    #[error("cannot record {reference}: its blob {digest} is not in the cache (removed while it was being published); publish it again")]
+    Missing { reference: String, digest: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
@@ -68,10 +77,18 @@ struct Index {
     entries: BTreeMap<String, Entry>,
 }
 
+/// What the lock guards: the index and the blobs pinned by publishes not yet recorded.
+#[derive(Default)]
+struct State {
+    index: Index,
+    /// digest -> number of [`Staging`]s holding it. Eviction treats these as referenced.
+    pinned: HashMap<String, usize>,
+}
+
 pub struct Cache {
     root: PathBuf,
     max_bytes: u64,
-    index: Mutex<Index>,
+    state: Mutex<State>,
     /// Opened to read what another process writes: corrupt blobs are reported, not deleted.
     read_only: bool,
 }
@@ -87,8 +104,78 @@ fn blobs_of(e: &Entry) -> impl Iterator<Item = String> + '_ {
         .chain(e.extra_blobs.iter().cloned())
 }
 
-fn referenced(index: &Index) -> std::collections::HashSet<String> {
-    index.entries.values().flat_map(blobs_of).collect()
+/// Blobs that must stay: those of recorded entries and those pinned by in-flight publishes.
+fn referenced(state: &State) -> HashSet<String> {
+    state.index.entries.values().flat_map(blobs_of).chain(state.pinned.keys().cloned()).collect()
+}
+
+/// Stores blobs for one entry and keeps them from being deleted until the entry is recorded
+/// (or the staging is dropped). See the module documentation.
+pub struct Staging<'a> {
+    cache: &'a Cache,
+    pinned: Mutex<Vec<String>>,
+}
+
+impl Staging<'_> {
+    /// Pins the blob, then stores it (or finds it already stored) and returns its digest.
+    pub fn put_blob(&self, bytes: &[u8]) -> Result<String, CacheError> {
+        let digest = format!("sha256:{}", sha256_hex(bytes));
+        // Pin first: once pinned, no eviction deletes the blob, so "it exists, skip the write"
+        // below stays true until the entry is recorded.
+        *self.cache.state().pinned.entry(digest.clone()).or_default() += 1;
+        self.pinned.lock().unwrap_or_else(|e| e.into_inner()).push(digest.clone());
+        self.cache.store_blob(&digest, bytes)?;
+        Ok(digest)
+    }
+
+    /// Records `entry` (see [`Cache::record`]) and releases the pins in the same critical
+    /// section. Returns the entry as recorded (merged with the one it replaces) and the
+    /// references evicted.
+    pub fn record(self, entry: Entry) -> Result<(Entry, Vec<String>), CacheError> {
+        let pinned = std::mem::take(&mut *self.pinned.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut state = self.cache.state();
+        unpin(&mut state, &pinned);
+        self.cache.record_locked(&mut state, entry)
+    }
+}
+
+impl Drop for Staging<'_> {
+    fn drop(&mut self) {
+        let pinned = std::mem::take(&mut *self.pinned.lock().unwrap_or_else(|e| e.into_inner()));
+        if !pinned.is_empty() {
+            // Not recorded: the blobs are left for the next sweep (another entry may use them).
+            unpin(&mut self.cache.state(), &pinned);
+        }
+    }
+}
+
+fn unpin(state: &mut State, digests: &[String]) {
+    for d in digests {
+        if let Some(n) = state.pinned.get_mut(d) {
+            *n -= 1;
+            if *n == 0 {
+                state.pinned.remove(d);
+            }
+        }
+    }
+}
+
+/// Where blobs can be stored: the cache itself, or a [`Staging`] that pins them until its
+/// entry is recorded.
+pub trait BlobStore {
+    fn put_blob(&self, bytes: &[u8]) -> Result<String, CacheError>;
+}
+
+impl BlobStore for Cache {
+    fn put_blob(&self, bytes: &[u8]) -> Result<String, CacheError> {
+        Cache::put_blob(self, bytes)
+    }
+}
+
+impl BlobStore for Staging<'_> {
+    fn put_blob(&self, bytes: &[u8]) -> Result<String, CacheError> {
+        Staging::put_blob(self, bytes)
+    }
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), CacheError> {
@@ -114,7 +201,12 @@ impl Cache {
             }),
             Err(_) => Index::default(),
         };
-        let cache = Self { root: root.to_path_buf(), max_bytes, index: Mutex::new(index), read_only: false };
+        let cache = Self {
+            root: root.to_path_buf(),
+            max_bytes,
+            state: Mutex::new(State { index, ..State::default() }),
+            read_only: false,
+        };
         let entries: Vec<Entry> = cache.entries();
         let intact = |digest: &String| matches!(cache.get_blob(digest), Ok(Some(_)));
         for e in entries {
@@ -138,7 +230,21 @@ impl Cache {
         let bytes = fs::read(&index_path).map_err(io(&index_path))?;
         let index: Index = serde_json::from_slice(&bytes)
             .map_err(|e| CacheError::Io { path: index_path, source: std::io::Error::other(e) })?;
-        Ok(Self { root: root.to_path_buf(), max_bytes: u64::MAX, index: Mutex::new(index), read_only: true })
+        Ok(Self {
+            root: root.to_path_buf(),
+            max_bytes: u64::MAX,
+            state: Mutex::new(State { index, ..State::default() }),
+            read_only: true,
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts storing the blobs of one entry; see [`Staging`].
+    pub fn stage(&self) -> Staging<'_> {
+        Staging { cache: self, pinned: Mutex::new(vec![]) }
     }
 
     fn blob_path(&self, digest: &str) -> Result<PathBuf, CacheError> {
@@ -170,14 +276,20 @@ impl Cache {
         Ok(())
     }
 
-    /// Stores a blob under its sha256 and returns the digest.
+    /// Stores a blob under its sha256 and returns the digest. Nothing keeps it from being
+    /// evicted before an entry using it is recorded: to publish, use [`Cache::stage`].
     pub fn put_blob(&self, bytes: &[u8]) -> Result<String, CacheError> {
         let digest = format!("sha256:{}", sha256_hex(bytes));
-        let path = self.blob_path(&digest)?;
-        if !matches!(self.get_blob(&digest), Ok(Some(_))) {
+        self.store_blob(&digest, bytes)?;
+        Ok(digest)
+    }
+
+    fn store_blob(&self, digest: &str, bytes: &[u8]) -> Result<(), CacheError> {
+        let path = self.blob_path(digest)?;
+        if !matches!(self.get_blob(digest), Ok(Some(_))) {
             self.write_atomically(&path, bytes)?;
         }
-        Ok(digest)
+        Ok(())
     }
 
     /// Reads and verifies a blob. A blob that does not match its digest is deleted.
@@ -207,17 +319,55 @@ impl Cache {
     }
 
     /// Records an entry whose blobs are already stored, then evicts least recently used
-    /// entries beyond the size bound.
+    /// entries beyond the size bound; returns the references evicted. Fails with
+    /// [`CacheError::Missing`], recording nothing, if one of the entry's blobs is not on disk.
+    ///
+    /// An entry replacing one for the same reference inherits from it: its signature if the
+    /// manifest is the same and the new entry is unsigned, and public visibility (see below).
+    /// The replaced entry's blobs that nothing else uses are deleted.
+    ///
+    /// Blobs stored with [`Cache::put_blob`] may be evicted before this runs; publish through
+    /// [`Cache::stage`] and [`Staging::record`] instead.
     pub fn record(&self, entry: Entry) -> Result<Vec<String>, CacheError> {
-        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-        index.version = 1;
-        index.entries.insert(entry.reference.clone(), entry);
-        let evicted = self.evict(&mut index)?;
-        self.persist(&index)?;
-        Ok(evicted)
+        self.record_locked(&mut self.state(), entry).map(|(_, evicted)| evicted)
     }
 
-    fn evict(&self, index: &mut Index) -> Result<Vec<String>, CacheError> {
+    fn record_locked(&self, state: &mut State, mut entry: Entry) -> Result<(Entry, Vec<String>), CacheError> {
+        let old = state.index.entries.get(&entry.reference);
+        if let Some(old) = old {
+            if old.manifest == entry.manifest && entry.signature.is_none() {
+                // A re-pull without a signing key must not lose the signature of these bytes.
+                entry.signature.clone_from(&old.signature);
+                entry.extra_blobs.clone_from(&old.extra_blobs);
+            }
+            // Anyone could pull it anonymously, so it is public, whoever pulled it last.
+            entry.private = old.private && entry.private;
+        }
+        let missing = blobs_of(&entry).find(|d| !self.has_blob(d));
+        if let Some(digest) = missing {
+            return Err(CacheError::Missing { reference: entry.reference, digest });
+        }
+        state.index.version = 1;
+        let mut garbage: Vec<String> = vec![];
+        if let Some(replaced) = state.index.entries.insert(entry.reference.clone(), entry.clone()) {
+            garbage.extend(blobs_of(&replaced));
+        }
+        let evicted = self.evict(&mut state.index, &entry.reference, &mut garbage);
+        self.persist(&state.index)?;
+        // Deleted after the index no longer names them (a crash in between leaves blobs the
+        // next open sweeps), and under the lock, so a blob a staging pins stays.
+        let used = referenced(state);
+        for digest in garbage.iter().filter(|d| !used.contains(*d)) {
+            if let Ok(path) = self.blob_path(digest) {
+                let _ = fs::remove_file(path);
+            }
+        }
+        Ok((entry, evicted))
+    }
+
+    /// Removes least recently used entries, never `keep` (the entry just recorded), until the
+    /// modules fit in `max_bytes`; adds their blobs to `garbage`.
+    fn evict(&self, index: &mut Index, keep: &str, garbage: &mut Vec<String>) -> Vec<String> {
         let mut evicted = vec![];
         loop {
             // Modules shared by several references count once.
@@ -226,30 +376,30 @@ impl Cache {
                 modules.insert(&e.module, e.size);
             }
             let total: u64 = modules.values().sum();
-            if total <= self.max_bytes || index.entries.len() <= 1 {
+            if total <= self.max_bytes {
                 break;
             }
-            let Some(oldest) = index.entries.values().min_by_key(|e| e.last_used).map(|e| e.reference.clone()) else {
+            let Some(oldest) = index
+                .entries
+                .values()
+                .filter(|e| e.reference != keep)
+                .min_by_key(|e| e.last_used)
+                .map(|e| e.reference.clone())
+            else {
                 break;
             };
             if let Some(gone) = index.entries.remove(&oldest) {
-                // Only the evicted entry's own blobs: others may be mid-publish, not yet recorded.
-                let used = referenced(index);
-                for digest in blobs_of(&gone) {
-                    if let (false, Ok(path)) = (used.contains(&digest), self.blob_path(&digest)) {
-                        let _ = fs::remove_file(path);
-                    }
-                }
+                garbage.extend(blobs_of(&gone));
             }
             evicted.push(oldest);
         }
-        Ok(evicted)
+        evicted
     }
 
     /// Deletes blobs no entry refers to: leftovers of interrupted pulls. Only safe while
     /// nothing else writes, i.e. when the cache is opened.
     fn sweep(&self) -> Result<(), CacheError> {
-        let used = referenced(&self.index.lock().unwrap_or_else(|e| e.into_inner()));
+        let used = referenced(&self.state());
         let dir = self.root.join("blobs/sha256");
         for f in fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
             let digest = format!("sha256:{}", f.file_name().to_string_lossy());
@@ -261,31 +411,38 @@ impl Cache {
     }
 
     pub fn remove(&self, reference: &str) -> Result<(), CacheError> {
-        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-        if index.entries.remove(reference).is_some() {
-            self.persist(&index)?;
+        let mut state = self.state();
+        if state.index.entries.remove(reference).is_some() {
+            self.persist(&state.index)?;
         }
         Ok(())
     }
 
     pub fn lookup(&self, reference: &str) -> Option<Entry> {
-        self.index.lock().unwrap_or_else(|e| e.into_inner()).entries.get(reference).cloned()
+        self.state().index.entries.get(reference).cloned()
+    }
+
+    /// Whether `reference` is recorded and its module, manifest and config are on disk (not
+    /// read or verified: [`Cache::get_blob`] does that when they are served). What
+    /// "already cached, no need to pull" should mean.
+    pub fn has_entry_intact(&self, reference: &str) -> bool {
+        self.lookup(reference).is_some_and(|e| [&e.module, &e.manifest, &e.config].iter().all(|d| self.has_blob(d)))
     }
 
     /// Entries whose module has this digest.
     pub fn by_module(&self, module: &str) -> Vec<Entry> {
-        let index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-        index.entries.values().filter(|e| e.module == module).cloned().collect()
+        let state = self.state();
+        state.index.entries.values().filter(|e| e.module == module).cloned().collect()
     }
 
     pub fn entries(&self) -> Vec<Entry> {
-        self.index.lock().unwrap_or_else(|e| e.into_inner()).entries.values().cloned().collect()
+        self.state().index.entries.values().cloned().collect()
     }
 
     /// Marks an entry used now, for LRU eviction. Persisted with the next write.
     pub fn touch(&self, reference: &str) {
-        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = index.entries.get_mut(reference) {
+        let mut state = self.state();
+        if let Some(e) = state.index.entries.get_mut(reference) {
             e.last_used = now_secs();
         }
     }
@@ -298,12 +455,23 @@ impl Cache {
         signature: Option<String>,
         extra_blobs: Vec<String>,
     ) -> Result<Option<Entry>, CacheError> {
-        let mut index = self.index.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(e) = index.entries.get_mut(reference) else { return Ok(None) };
+        let mut state = self.state();
+        if let Some(digest) = signature.iter().chain(&extra_blobs).find(|d| !self.has_blob(d)) {
+            return Err(CacheError::Missing { reference: reference.into(), digest: digest.clone() });
+        }
+        let Some(e) = state.index.entries.get_mut(reference) else { return Ok(None) };
+        let old = blobs_of(e).collect::<Vec<_>>();
         e.signature = signature;
         e.extra_blobs = extra_blobs;
         let entry = e.clone();
-        self.persist(&index)?;
+        self.persist(&state.index)?;
+        // The signature replaced, if any, is not kept on disk either.
+        let used = referenced(&state);
+        for digest in old.iter().filter(|d| !used.contains(*d)) {
+            if let Ok(path) = self.blob_path(digest) {
+                let _ = fs::remove_file(path);
+            }
+        }
         Ok(Some(entry))
     }
 }
@@ -313,8 +481,13 @@ mod tests {
     use super::*;
 
     fn entry(reference: &str, module: &str, size: u64, last_used: u64, c: &Cache) -> Entry {
-        let manifest = c.put_blob(format!("manifest of {reference}").as_bytes()).unwrap();
-        let config = c.put_blob(b"{}").unwrap();
+        entry_in(reference, module, size, last_used, c)
+    }
+
+    /// As [`entry`], storing the manifest and config through `store` (a cache or a staging).
+    fn entry_in(reference: &str, module: &str, size: u64, last_used: u64, store: &impl BlobStore) -> Entry {
+        let manifest = store.put_blob(format!("manifest of {reference}").as_bytes()).unwrap();
+        let config = store.put_blob(b"{}").unwrap();
         Entry {
             reference: reference.into(),
             upstream_digest: manifest.clone(),
@@ -396,5 +569,259 @@ mod tests {
         assert_eq!(evicted, vec!["a:1".to_string()]);
         assert!(!c.has_blob(&m1), "the evicted module's blob is gone");
         assert!(c.has_blob(&m2) && c.has_blob(&m3));
+    }
+
+    fn intact(c: &Cache, e: &Entry) -> bool {
+        blobs_of(e).all(|d| matches!(c.get_blob(&d), Ok(Some(_))))
+    }
+
+    /// The interleaving found in review, from one thread: Y's publish finds module M already
+    /// stored (X uses it), then another record evicts X, the only recorded user of M, then Y
+    /// is recorded.
+    #[test]
+    fn a_blob_staged_for_a_publish_survives_the_eviction_of_its_other_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path(), 30).unwrap();
+        let m = c.put_blob(b"shared module").unwrap();
+        c.record(entry("r/x:1", &m, 10, 1, &c)).unwrap();
+
+        let staging = c.stage();
+        assert_eq!(staging.put_blob(b"shared module").unwrap(), m, "found already stored");
+        let y = entry_in("r/y:1", &m, 10, 10, &staging);
+
+        let z = c.put_blob(b"module z").unwrap();
+        let evicted = c.record(entry("r/z:1", &z, 25, 5, &c)).unwrap();
+        assert_eq!(evicted, vec!["r/x:1".to_string()]);
+        assert!(c.has_blob(&m), "a blob pinned by an in-flight publish is not deleted");
+        assert!(!c.has_entry_intact("r/x:1"));
+
+        let (recorded, _) = staging.record(y).unwrap();
+        assert!(intact(&c, &recorded));
+        assert!(c.has_entry_intact("r/y:1"));
+        assert!(c.state().pinned.is_empty(), "recording releases the pins");
+    }
+
+    /// Without a staging nothing pins the blob: `record` refuses the entry rather than
+    /// recording one whose module is gone.
+    #[test]
+    fn recording_an_entry_with_a_missing_blob_fails_and_records_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path(), 30).unwrap();
+        let m = c.put_blob(b"shared module").unwrap();
+        c.record(entry("r/x:1", &m, 10, 1, &c)).unwrap();
+        assert_eq!(c.put_blob(b"shared module").unwrap(), m);
+        let y = entry("r/y:1", &m, 10, 10, &c);
+        let z = c.put_blob(b"module z").unwrap();
+        c.record(entry("r/z:1", &z, 25, 5, &c)).unwrap();
+        assert!(!c.has_blob(&m), "unpinned, the module went with X");
+
+        let err = c.record(y).unwrap_err();
+        assert!(matches!(&err, CacheError::Missing { reference, digest } if reference == "r/y:1" && *digest == m));
+        assert!(err.to_string().contains("publish it again"), "{err}");
+        assert!(c.lookup("r/y:1").is_none() && !c.has_entry_intact("r/y:1"));
+        let reopened = Cache::open(dir.path(), 30).unwrap();
+        assert!(reopened.lookup("r/y:1").is_none());
+    }
+
+    #[test]
+    fn a_dropped_staging_releases_its_pins() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path(), 1 << 30).unwrap();
+        {
+            let staging = c.stage();
+            staging.put_blob(b"a").unwrap();
+            staging.put_blob(b"a").unwrap();
+            let other = c.stage();
+            other.put_blob(b"a").unwrap();
+            assert_eq!(c.state().pinned.values().sum::<usize>(), 3);
+            drop(staging);
+            assert_eq!(c.state().pinned.values().sum::<usize>(), 1);
+        }
+        assert!(c.state().pinned.is_empty());
+    }
+
+    #[test]
+    fn has_entry_intact_checks_the_blobs_not_only_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path(), 1 << 30).unwrap();
+        let m = c.put_blob(b"module").unwrap();
+        c.record(entry("r/a:1", &m, 6, 1, &c)).unwrap();
+        assert!(c.has_entry_intact("r/a:1"));
+        assert!(!c.has_entry_intact("r/other:1"));
+        fs::remove_file(c.blob_path(&m).unwrap()).unwrap();
+        assert!(c.lookup("r/a:1").is_some() && !c.has_entry_intact("r/a:1"));
+    }
+
+    #[test]
+    fn replacing_an_entry_deletes_the_blobs_only_it_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path(), 1 << 30).unwrap();
+        let (m1, m2, m3) = (c.put_blob(b"one").unwrap(), c.put_blob(b"two").unwrap(), c.put_blob(b"three").unwrap());
+        let first = entry("r/a:latest", &m1, 3, 1, &c);
+        c.record(first.clone()).unwrap();
+        c.record(entry("r/b:1", &m2, 3, 1, &c)).unwrap();
+
+        // :latest moves to m2, which r/b also uses (with its own manifest: a manifest names
+        // its module).
+        let mut second = entry("r/a:latest", &m2, 3, 2, &c);
+        second.manifest = c.put_blob(b"manifest of r/a:latest -> two").unwrap();
+        c.record(second.clone()).unwrap();
+        assert!(!c.has_blob(&m1), "the replaced module nothing else uses is deleted");
+        assert!(!c.has_blob(&first.manifest), "and so is its manifest");
+        assert!(c.has_blob(&first.config), "the config every entry shares stays");
+        assert!(intact(&c, &second) && c.has_entry_intact("r/b:1"));
+
+        // Moving on again: m2 stays (r/b uses it), and a blob pinned by a publish stays too.
+        let staging = c.stage();
+        staging.put_blob(&fs::read(c.blob_path(&second.manifest).unwrap()).unwrap()).unwrap();
+        c.record(entry("r/a:latest", &m3, 5, 3, &c)).unwrap();
+        assert!(c.has_blob(&m2), "still used by r/b:1");
+        assert!(c.has_blob(&second.manifest), "pinned by an in-flight publish");
+        drop(staging);
+
+        // Nothing dangling and nothing left over: a reopen drops no entry.
+        let before = c.entries();
+        drop(c);
+        let c = Cache::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(c.entries(), before);
+    }
+
+    #[test]
+    fn replacing_an_entry_frees_its_share_of_the_size_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path(), 25).unwrap();
+        let other = c.put_blob(b"other").unwrap();
+        c.record(entry("r/other:1", &other, 10, 1, &c)).unwrap();
+        for i in 0..5u64 {
+            let m = c.put_blob(format!("latest #{i}").as_bytes()).unwrap();
+            let mut e = entry("r/a:latest", &m, 10, 2 + i, &c);
+            e.manifest = c.put_blob(format!("manifest #{i}").as_bytes()).unwrap();
+            assert_eq!(c.record(e).unwrap(), Vec::<String>::new(), "churn of one tag evicts nothing");
+        }
+        let blobs = fs::read_dir(dir.path().join("blobs/sha256")).unwrap().count();
+        // other's module and manifest, :latest's module and manifest, the shared config, and
+        // the unused "manifest of r/a:latest" the helper stores.
+        assert!(blobs <= 6, "{blobs} blobs on disk: replaced ones were not deleted");
+    }
+
+    #[test]
+    fn a_repull_of_the_same_manifest_without_a_key_keeps_the_signature() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path(), 1 << 30).unwrap();
+        let m = c.put_blob(b"signed module").unwrap();
+        let mut signed = entry("r/s:1", &m, 13, 1, &c);
+        signed.signature = Some(c.put_blob(b"signature manifest").unwrap());
+        signed.extra_blobs = vec![c.put_blob(b"signature payload").unwrap()];
+        c.record(signed.clone()).unwrap();
+
+        let (recorded, _) = c.stage().record(entry("r/s:1", &m, 13, 2, &c)).unwrap();
+        assert_eq!((&recorded.signature, &recorded.extra_blobs), (&signed.signature, &signed.extra_blobs));
+        assert_eq!(c.lookup("r/s:1").unwrap(), recorded);
+        assert!(intact(&c, &recorded));
+
+        // A signed re-pull replaces the signature; the old one's blobs go.
+        let mut resigned = entry("r/s:1", &m, 13, 3, &c);
+        resigned.signature = Some(c.put_blob(b"another signature manifest").unwrap());
+        c.record(resigned.clone()).unwrap();
+        assert_eq!(c.lookup("r/s:1").unwrap().signature, resigned.signature);
+        assert!(!c.has_blob(signed.signature.as_ref().unwrap()) && !c.has_blob(&signed.extra_blobs[0]));
+
+        // Another manifest: the signature does not apply to it and is dropped with its blobs.
+        let m2 = c.put_blob(b"new module").unwrap();
+        let mut moved = entry("r/s:1", &m2, 10, 4, &c);
+        moved.manifest = c.put_blob(b"another manifest").unwrap();
+        c.record(moved).unwrap();
+        let e = c.lookup("r/s:1").unwrap();
+        assert_eq!((e.signature, e.extra_blobs), (None, vec![]));
+        assert!(!c.has_blob(resigned.signature.as_ref().unwrap()));
+    }
+
+    #[test]
+    fn an_image_once_pulled_anonymously_stays_public() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path(), 1 << 30).unwrap();
+        let m = c.put_blob(b"module").unwrap();
+        let with = |private: bool, last_used: u64| {
+            let mut e = entry("r/p:1", &m, 6, last_used, &c);
+            e.private = private;
+            c.record(e).unwrap();
+            c.lookup("r/p:1").unwrap().private
+        };
+        assert!(with(true, 1), "first pulled with a secret: private");
+        assert!(with(true, 2), "still only ever pulled with secrets");
+        assert!(!with(false, 3), "pulled anonymously: public");
+        assert!(!with(true, 4), "a later pull with a secret does not hide it again");
+        c.remove("r/p:1").unwrap();
+        assert!(with(true, 5), "a fresh entry takes the puller's value");
+    }
+
+    #[test]
+    fn set_signature_refuses_missing_blobs_and_deletes_the_one_it_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path(), 1 << 30).unwrap();
+        let m = c.put_blob(b"module").unwrap();
+        c.record(entry("r/a:1", &m, 6, 1, &c)).unwrap();
+        let gone = format!("sha256:{}", sha256_hex(b"never stored"));
+        assert!(matches!(c.set_signature("r/a:1", Some(gone), vec![]), Err(CacheError::Missing { .. })));
+        assert_eq!(c.lookup("r/a:1").unwrap().signature, None);
+        let old = c.put_blob(b"old signature").unwrap();
+        c.set_signature("r/a:1", Some(old.clone()), vec![]).unwrap();
+        let new = c.put_blob(b"new signature").unwrap();
+        c.set_signature("r/a:1", Some(new.clone()), vec![]).unwrap();
+        assert!(!c.has_blob(&old) && c.has_blob(&new));
+    }
+
+    #[test]
+    fn the_entry_just_recorded_is_never_the_one_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path(), 15).unwrap();
+        let (m1, m2) = (c.put_blob(b"one").unwrap(), c.put_blob(b"two").unwrap());
+        c.record(entry("b:1", &m1, 10, 7, &c)).unwrap();
+        // Same second (or a clock step back): the new entry is not the least recently used
+        // one to go.
+        let evicted = c.record(entry("a:1", &m2, 10, 7, &c)).unwrap();
+        assert_eq!(evicted, vec!["b:1".to_string()]);
+        assert!(c.has_entry_intact("a:1"));
+    }
+
+    /// Publishes (through stagings, as `publish` does) and evictions racing, with a bound so
+    /// small nearly every record evicts: afterwards every recorded entry is whole, and a
+    /// reopen, which drops entries with missing blobs, drops none.
+    #[test]
+    fn concurrent_publishes_and_evictions_leave_no_dangling_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = std::sync::Arc::new(Cache::open(dir.path(), 25).unwrap());
+        let threads: Vec<_> = (0..4u64)
+            .map(|t| {
+                let c = std::sync::Arc::clone(&c);
+                std::thread::spawn(move || {
+                    for i in 0..150u64 {
+                        let n = (t * 7 + i * 3) % 5;
+                        let staging = c.stage();
+                        // Five modules shared by ten references: a publish usually finds its
+                        // module stored, used by an entry another thread is about to evict.
+                        let m = staging.put_blob(format!("module {n}").as_bytes()).unwrap();
+                        let e = entry_in(&format!("r/{}:{}", (t + i) % 10, n % 2), &m, 10, i, &staging);
+                        std::thread::yield_now();
+                        let (recorded, _) = staging.record(e).unwrap();
+                        assert!(recorded.module == m);
+                        if i % 10 == 0 {
+                            c.touch(&recorded.reference);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let entries = c.entries();
+        assert!(!entries.is_empty());
+        for e in &entries {
+            assert!(intact(&c, e), "{} names a missing blob", e.reference);
+        }
+        assert!(c.state().pinned.is_empty());
+        drop(c);
+        assert_eq!(Cache::open(dir.path(), 25).unwrap().entries(), entries, "the reopen dropped entries");
     }
 }

@@ -20,25 +20,30 @@ pub fn served_name(reference: &str) -> Option<String> {
     Some(format!("{}/{}", r.registry().to_ascii_lowercase().replace(':', "_"), r.repository()))
 }
 
-/// Stores the module, a config and a manifest, and records the entry.
+/// Stores the module, a config and a manifest, and records the entry. Returns the entry as
+/// recorded: merged with the one it replaces, if any (see [`Cache::record`]).
 pub fn publish(cache: &Cache, pulled: &Pulled, private: bool) -> Result<Entry, CacheError> {
     publish_signed(cache, pulled, private, None)
 }
 
 /// As [`publish`], signing the entry with `signer` before it is recorded: the entry appears in
 /// the index with its signature or not at all, whenever the process dies.
+///
+/// The blobs are stored through a [`crate::cache::Staging`]: a concurrent eviction cannot
+/// delete them (a module or config another entry also used) before the entry is recorded.
 pub fn publish_signed(
     cache: &Cache,
     pulled: &Pulled,
     private: bool,
     signer: Option<&Signer>,
 ) -> Result<Entry, CacheError> {
-    let module = cache.put_blob(&pulled.module)?;
+    let staging = cache.stage();
+    let module = staging.put_blob(&pulled.module)?;
     let config_bytes = b"{}".to_vec();
-    let config = cache.put_blob(&config_bytes)?;
+    let config = staging.put_blob(&config_bytes)?;
     let manifest_bytes =
         manifest(&module, pulled.module.len() as u64, &config, config_bytes.len() as u64, &pulled.reference);
-    let manifest = cache.put_blob(&manifest_bytes)?;
+    let manifest = staging.put_blob(&manifest_bytes)?;
     let now = now_secs();
     let mut entry = Entry {
         reference: pulled.reference.clone(),
@@ -55,10 +60,10 @@ pub fn publish_signed(
         extra_blobs: vec![],
     };
     if let Some(signer) = signer {
-        signer.store_signature(cache, &mut entry)?;
+        signer.store_signature(&staging, &mut entry)?;
     }
-    cache.record(entry.clone())?;
-    Ok(entry)
+    let (recorded, _evicted) = staging.record(entry)?;
+    Ok(recorded)
 }
 
 /// Deterministic bytes: the same module always gets the same manifest digest.

@@ -22,7 +22,7 @@
 //! `PUBLIC KEY` PEM, from a file, a Secret or a ConfigMap (`cosign.pub`).
 
 use crate::artifact::{self, digest_hex, sha256_hex, OCI_CONFIG, OCI_MANIFEST};
-use crate::cache::{Cache, CacheError, Entry};
+use crate::cache::{BlobStore, Cache, CacheError, Entry};
 use base64::Engine as _;
 use p256::ecdsa::signature::{Signer as _, Verifier as _};
 use p256::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePublicKey, LineEnding};
@@ -501,7 +501,9 @@ impl Signer {
     /// blobs, and records the signature with the entry.
     pub fn sign_entry(&self, cache: &Cache, reference: &str) -> Result<Entry, SignError> {
         let mut entry = cache.lookup(reference).ok_or_else(|| SignError::NotCached(reference.into()))?;
-        self.store_signature(cache, &mut entry)?;
+        // Pinned until recorded, so that no concurrent eviction deletes them in between.
+        let staging = cache.stage();
+        self.store_signature(&staging, &mut entry)?;
         cache
             .set_signature(&entry.reference, entry.signature, entry.extra_blobs)?
             .ok_or_else(|| SignError::NotCached(reference.into()))
@@ -509,8 +511,9 @@ impl Signer {
 
     /// Signs `entry`'s manifest and stores the signature image's blobs, setting `entry`'s
     /// signature fields; the index is left alone. Lets an entry be recorded already signed,
-    /// so that no crash leaves it in the cache without its signature.
-    pub fn store_signature(&self, cache: &Cache, entry: &mut Entry) -> Result<(), CacheError> {
+    /// so that no crash leaves it in the cache without its signature. Pass the
+    /// [`crate::cache::Staging`] the entry will be recorded with, so that its blobs stay pinned.
+    pub fn store_signature<B: BlobStore + ?Sized>(&self, cache: &B, entry: &mut Entry) -> Result<(), CacheError> {
         let image = SignatureImage::sign(&self.key, &self.docker_reference(&entry.reference), &entry.manifest);
         let payload = cache.put_blob(&image.payload)?;
         let config = cache.put_blob(&image.config)?;

@@ -249,7 +249,7 @@ impl RegistryFetcher {
 
 impl ImageFetcher for RegistryFetcher {
     fn is_cached(&self, image: &str) -> bool {
-        parse_reference(image).is_ok_and(|r| self.cache.lookup(&r.whole()).is_some())
+        parse_reference(image).is_ok_and(|r| self.cache.has_entry_intact(&r.whole()))
     }
 
     fn pull<'a>(&'a self, image: &'a str, auth: &'a RegistryAuth) -> BoxFuture<'a, Result<(), FetchError>> {
