@@ -3,7 +3,7 @@ CARGO ?= cargo
 WASM := target/wasm32-wasip1/release/churn_guard.wasm
 export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER := wasm-bindgen-test-runner
 
-.PHONY: all setup build lint test test-native test-wasm32 demo bench clean
+.PHONY: all setup build lint test test-native test-wasm32 demo bench clean fuzz
 
 all: build
 
@@ -33,12 +33,20 @@ test-native: build
 
 test: build lint test-native test-wasm32
 
+# The lab profile: optimised without LTO, so a fresh machine's first run compiles in minutes.
 demo: build
-	$(CARGO) run -q --release -p churn-lab -- demo
+	$(CARGO) run --profile lab -p churn-lab -- demo
 
 bench: build
 	$(CARGO) build -p wasm-noop --target wasm32-wasip1 --release
 	$(CARGO) run --release -p churn-lab -- bench
+	$(CARGO) run --release -p churn-lab -- registry-bench
+
+# Not part of `make test`: every cargo-fuzz target for FUZZ_SECONDS (default 30) each, on nightly.
+# Fails on any crash; the summary is in target/fuzz-summary.md (see docs/reliability.md).
+FUZZ_SECONDS ?= 30
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz.sh
 
 clean:
 	$(CARGO) clean
