@@ -66,6 +66,7 @@ fn world() -> &'static World {
                 upstream_digest: format!("sha256:{}", "ab".repeat(32)),
                 format: Format::SoloOci,
                 module: module(image),
+                verified_by: vec![],
             };
             registry_cache::publish::publish(&cache, &pulled, private).expect("publish");
             entries.push(signer.sign_entry(&cache, &reference).expect("sign"));

@@ -26,6 +26,7 @@ fn entry(reference: &str, private: bool) -> Entry {
         private,
         signature: None,
         extra_blobs: vec![],
+        verified_by: vec![],
     }
 }
 

@@ -69,6 +69,10 @@ pub struct Entry {
     /// Other blobs this entry keeps alive (the signature's payload and config).
     #[serde(default)]
     pub extra_blobs: Vec<String>,
+    /// Fingerprints of the keys whose upstream cosign signature verified when it was pulled
+    /// (`--require-signature`); empty when none was required.
+    #[serde(default)]
+    pub verified_by: Vec<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -501,6 +505,7 @@ mod tests {
             private: false,
             signature: None,
             extra_blobs: vec![],
+            verified_by: vec![],
         }
     }
 

@@ -58,6 +58,7 @@ pub fn publish_signed(
         private,
         signature: None,
         extra_blobs: vec![],
+        verified_by: pulled.verified_by.clone(),
     };
     if let Some(signer) = signer {
         signer.store_signature(&staging, &mut entry)?;

@@ -77,6 +77,8 @@ pub struct Pulled {
     pub upstream_digest: String,
     pub format: Format,
     pub module: Vec<u8>,
+    /// Fingerprints of the `require_signature` keys whose upstream signature verified.
+    pub verified_by: Vec<String>,
 }
 
 pub struct Puller {
@@ -161,11 +163,13 @@ impl Puller {
         }
         let manifest = artifact::parse_manifest(&raw)?;
         let wasm = artifact::wasm_layer(&manifest)?;
+        let mut verified_by = vec![];
         if !self.options.require_signature.is_empty() {
-            self.check_signature(&client, &reference, &upstream_digest, auth).await.map_err(|e| match e {
-                PullError::Signature { source, .. } => PullError::Signature { image: image.to_string(), source },
-                other => other,
-            })?;
+            verified_by =
+                self.check_signature(&client, &reference, &upstream_digest, auth).await.map_err(|e| match e {
+                    PullError::Signature { source, .. } => PullError::Signature { image: image.to_string(), source },
+                    other => other,
+                })?;
         }
         let limit = self.options.max_module_bytes;
         if wasm.layer.size as u64 > limit {
@@ -188,7 +192,7 @@ impl Puller {
         })?;
         artifact::verify_digest(&layer.bytes, &wasm.layer.digest)?;
         let module = artifact::extract_module(wasm.format, &layer.bytes, limit)?;
-        Ok(Pulled { reference: reference.whole(), upstream_digest, format: wasm.format, module })
+        Ok(Pulled { reference: reference.whole(), upstream_digest, format: wasm.format, module, verified_by })
     }
 }
 
@@ -229,7 +233,7 @@ impl Puller {
         reference: &Reference,
         digest: &str,
         auth: &RegistryAuth,
-    ) -> Result<(), PullError> {
+    ) -> Result<Vec<String>, PullError> {
         use crate::sign::{self, VerifyError};
         let refuse = |source: VerifyError| PullError::Signature { image: reference.whole(), source };
         let tag = sign::signature_tag(digest)?;
@@ -269,7 +273,15 @@ impl Puller {
                 .map_err(|e| PullError::Registry(format!("fetching signature payload {}: {e}", layer.digest)))?;
             fetched.push((layer, payload.bytes));
         }
-        sign::verify_layers(&fetched, digest, &self.options.require_signature).map(|_| ()).map_err(refuse)
+        sign::verify_layers(&fetched, digest, &self.options.require_signature).map_err(refuse)?;
+        // Which keys: the cache re-checks its entries when the required keys change.
+        Ok(self
+            .options
+            .require_signature
+            .iter()
+            .filter(|k| sign::verify_layers(&fetched, digest, std::slice::from_ref(*k)).is_ok())
+            .map(sign::PublicKey::fingerprint)
+            .collect())
     }
 
     /// Whether `auth` may read `image` at the upstream registry: the proof a client gives

@@ -47,6 +47,7 @@ impl Service {
     /// pre-pulled.
     pub async fn start(options: ServiceOptions) -> anyhow::Result<Self> {
         let cache = Arc::new(Cache::open(&options.cache_dir, options.max_cache_bytes)?);
+        drop_unverified(&cache, &options.pull.require_signature)?;
         let mut tasks = vec![];
         if let Some(signer) = options.signer.clone() {
             // What an earlier run cached without a key; new artifacts are signed as they come.
@@ -109,5 +110,56 @@ impl Service {
     /// Verifies the cached signature of `reference`.
     pub fn verify(&self, reference: &str, keys: &[sign::PublicKey]) -> Result<crate::cache::Entry, sign::SignError> {
         sign::verify_entry(&self.state.cache, reference, keys)
+    }
+}
+
+/// With `--require-signature`, entries cached without a signature from one of the keys now
+/// required (before the flag was set, or under other keys) are dropped: the pre-puller pulls
+/// them again and verifies them, instead of the cache serving, and signing, what nobody checked.
+pub fn drop_unverified(cache: &Cache, required: &[sign::PublicKey]) -> Result<Vec<String>, crate::cache::CacheError> {
+    if required.is_empty() {
+        return Ok(vec![]);
+    }
+    let fingerprints: Vec<String> = required.iter().map(sign::PublicKey::fingerprint).collect();
+    let mut dropped = vec![];
+    for entry in cache.entries() {
+        if !entry.verified_by.iter().any(|f| fingerprints.contains(f)) {
+            tracing::warn!(reference = %entry.reference, "cached without a signature the required keys verify; dropped, to be pulled and verified again");
+            cache.remove(&entry.reference)?;
+            dropped.push(entry.reference);
+        }
+    }
+    Ok(dropped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::artifact::Format;
+    use crate::pull::Pulled;
+
+    fn publish(cache: &Cache, reference: &str, verified_by: Vec<String>) {
+        let pulled = Pulled {
+            reference: reference.into(),
+            upstream_digest: format!("sha256:{}", "1".repeat(64)),
+            format: Format::SoloOci,
+            module: format!("\0asm\x01\0\0\0{reference}").into_bytes(),
+            verified_by,
+        };
+        crate::publish::publish(cache, &pulled, false).unwrap();
+    }
+
+    #[test]
+    fn requiring_signatures_drops_what_the_required_keys_did_not_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 1 << 30).unwrap();
+        let (a, b) =
+            (sign::SigningKey::generate().unwrap().public_key(), sign::SigningKey::generate().unwrap().public_key());
+        publish(&cache, "reg.example/verified:1", vec![a.fingerprint()]);
+        publish(&cache, "reg.example/unchecked:1", vec![]);
+        assert!(drop_unverified(&cache, &[]).unwrap().is_empty(), "nothing is required");
+        assert_eq!(drop_unverified(&cache, std::slice::from_ref(&a)).unwrap(), vec!["reg.example/unchecked:1".to_string()]);
+        assert!(cache.lookup("reg.example/verified:1").is_some());
+        assert_eq!(drop_unverified(&cache, &[b]).unwrap(), vec!["reg.example/verified:1".to_string()], "another key");
     }
 }

@@ -250,6 +250,11 @@ impl SigningKey {
 }
 
 impl PublicKey {
+    /// sha256 of the uncompressed public point, hex: names the key in the cache index.
+    pub fn fingerprint(&self) -> String {
+        artifact::sha256_hex(self.0.to_encoded_point(false).as_bytes())
+    }
+
     pub fn from_pem(text: &str) -> Result<Self, SignError> {
         match pem_blocks(text).first() {
             Some(("PUBLIC KEY", block)) => p256::ecdsa::VerifyingKey::from_public_key_pem(block)

@@ -492,6 +492,7 @@ async fn the_same_path_in_two_registries_never_shares_a_name() {
         upstream_digest: format!("sha256:{}", sha256_hex(reference.as_bytes())),
         format: Format::SoloOci,
         module: common::wasm_module(tag, 0),
+        verified_by: vec![],
     };
     let victim = publish::publish(&cache, &pulled("ghcr.io/victim/filter:1.0", "victim"), true).expect("publish");
     let squatter = publish::publish(&cache, &pulled("a.example/victim/filter:1.0", "squat"), false).expect("publish");

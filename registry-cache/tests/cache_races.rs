@@ -13,6 +13,7 @@ fn pulled(reference: &str, module: &[u8]) -> Pulled {
         upstream_digest: format!("sha256:{}", "0".repeat(64)),
         format: Format::SoloOci,
         module: module.to_vec(),
+        verified_by: vec![],
     }
 }
 

@@ -468,6 +468,7 @@ async fn two_hundred_concurrent_clients_get_every_byte_right() {
             upstream_digest: format!("sha256:{}", sha256_hex(format!("upstream {i}").as_bytes())),
             format: Format::SoloOci,
             module,
+            verified_by: vec![],
         };
         entries.push(publish::publish(&cache, &pulled, false).expect("publish"));
     }

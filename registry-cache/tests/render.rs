@@ -54,6 +54,7 @@ fn rewrites_images_to_pinned_http_sources_that_validate() {
         upstream_digest: format!("sha256:{}", "1".repeat(64)),
         format: Format::SoloOci,
         module: module(),
+        verified_by: vec![],
     };
     let entry = publish::publish(&cache, &pulled, true).expect("publish");
     // A private module needs a URL token for the policy's namespace.
