@@ -158,7 +158,10 @@ mod tests {
         publish(&cache, "reg.example/verified:1", vec![a.fingerprint()]);
         publish(&cache, "reg.example/unchecked:1", vec![]);
         assert!(drop_unverified(&cache, &[]).unwrap().is_empty(), "nothing is required");
-        assert_eq!(drop_unverified(&cache, std::slice::from_ref(&a)).unwrap(), vec!["reg.example/unchecked:1".to_string()]);
+        assert_eq!(
+            drop_unverified(&cache, std::slice::from_ref(&a)).unwrap(),
+            vec!["reg.example/unchecked:1".to_string()]
+        );
         assert!(cache.lookup("reg.example/verified:1").is_some());
         assert_eq!(drop_unverified(&cache, &[b]).unwrap(), vec!["reg.example/verified:1".to_string()], "another key");
     }
