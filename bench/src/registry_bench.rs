@@ -8,7 +8,7 @@ use hdrhistogram::Histogram;
 use oci_client::secrets::RegistryAuth;
 use registry_cache::artifact::{self, Format};
 use registry_cache::cache::Cache;
-use registry_cache::permissions::{AccessCheck, Permissions};
+use registry_cache::permissions::{upstream_access_check, Permissions};
 use registry_cache::pull::{PullOptions, Puller};
 use registry_cache::server::{self, AppState};
 use registry_cache::{package, publish};
@@ -40,14 +40,6 @@ pub fn module_of_size(name: &str, size: usize) -> Vec<u8> {
     m
 }
 
-fn upstream_check(puller: &Arc<Puller>) -> AccessCheck {
-    let puller = Arc::clone(puller);
-    Arc::new(move |reference, auth| {
-        let puller = Arc::clone(&puller);
-        Box::pin(async move { puller.can_read(&reference, &auth).await })
-    })
-}
-
 fn percentiles(h: &Histogram<u64>, unit: &str) -> String {
     format!(
         "p50 {} {unit}, p99 {} {unit}, p99.9 {} {unit}, max {} {unit} ({} samples)",
@@ -72,7 +64,7 @@ pub async fn permission_latency(registry: &DockerRegistry, puller: &Arc<Puller>)
     let auth = RegistryAuth::Basic(USER.into(), PASSWORD.into());
     package::push(&image, Format::SoloOci, &module_of_size("permission", 1024), &auth, &[registry.addr.to_string()])
         .await?;
-    let permissions = Permissions::new(Duration::from_secs(300), upstream_check(puller));
+    let permissions = Permissions::new(Duration::from_secs(300), upstream_access_check(Arc::clone(puller)));
     let started = Instant::now();
     anyhow::ensure!(permissions.allows_reference(&image, Some(auth.clone())).await, "the upstream refused");
     let first_answer_ms = started.elapsed().as_secs_f64() * 1e3;
@@ -161,7 +153,8 @@ pub async fn blob_throughput(
     let dir = tempfile::tempdir()?;
     let cache = Arc::new(Cache::open(dir.path(), 1 << 30)?);
     let entry = publish::publish(&cache, &puller.pull(&image, &auth).await?, true)?;
-    let state = AppState::new(cache, Permissions::new(Duration::from_secs(300), upstream_check(puller)));
+    let state =
+        AppState::new(cache, Permissions::new(Duration::from_secs(300), upstream_access_check(Arc::clone(puller))));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let app = server::router(state);

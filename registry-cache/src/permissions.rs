@@ -30,6 +30,14 @@ use std::time::{Duration, Instant};
 pub type AccessCheck =
     Arc<dyn Fn(String, RegistryAuth) -> Pin<Box<dyn Future<Output = Result<bool, String>> + Send>> + Send + Sync>;
 
+/// The check `serve` uses: ask the upstream registry through `puller`.
+pub fn upstream_access_check(puller: Arc<crate::pull::Puller>) -> AccessCheck {
+    Arc::new(move |reference, auth| {
+        let puller = Arc::clone(&puller);
+        Box::pin(async move { puller.can_read(&reference, &auth).await })
+    })
+}
+
 type CredentialKey = (String, [u8; 32]);
 
 /// `(namespace, repository)` → hashes of the credentials the namespace reads it with.

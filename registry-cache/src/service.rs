@@ -2,7 +2,7 @@
 //! the HTTP server, wired together. The binary and the demo run the same code.
 
 use crate::cache::Cache;
-use crate::permissions::{AccessCheck, Permissions};
+use crate::permissions::{upstream_access_check, Permissions};
 use crate::pull::{PullOptions, Puller};
 use crate::server::{self, AppState};
 use crate::sign::{self, Signer};
@@ -60,13 +60,7 @@ impl Service {
             }));
         }
         let puller = Arc::new(Puller::new(options.pull));
-        let check: AccessCheck = {
-            let puller = Arc::clone(&puller);
-            Arc::new(move |reference, auth| {
-                let puller = Arc::clone(&puller);
-                Box::pin(async move { puller.can_read(&reference, &auth).await })
-            })
-        };
+        let check = upstream_access_check(Arc::clone(&puller));
         let permissions = Permissions::with_url_key(options.permission_ttl, check, options.url_key);
         let state = AppState::new(Arc::clone(&cache), permissions);
         tasks.push(state.spawn_permission_refresher());

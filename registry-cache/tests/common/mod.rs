@@ -76,11 +76,7 @@ pub fn puller(addr: SocketAddr, read_timeout: Duration) -> Puller {
 
 /// Access checks asked of the upstream through `puller`, as `serve` does.
 pub fn access_check(puller: Puller) -> AccessCheck {
-    let puller = Arc::new(puller);
-    Arc::new(move |reference, auth| {
-        let puller = Arc::clone(&puller);
-        Box::pin(async move { puller.can_read(&reference, &auth).await })
-    })
+    registry_cache::permissions::upstream_access_check(Arc::new(puller))
 }
 
 /// Serves `state` on a free loopback port, on the current runtime.
