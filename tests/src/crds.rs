@@ -1,21 +1,27 @@
-//! Envoy Gateway's CRD schemas (`../shared/envoy-gateway/crds/`), to validate what the project
-//! ships and renders.
+//! Envoy Gateway's CRD schemas (`tests/fixtures/envoy-gateway/crds/`, copied from Envoy Gateway
+//! with their provenance), to validate what the project ships and renders.
 
+use anyhow::Context as _;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use crate::envoy::workspace_root;
 
+/// Envoy Gateway's reference data that the project carries (see its README).
+pub fn envoy_gateway_fixtures() -> PathBuf {
+    workspace_root().join("tests/fixtures/envoy-gateway")
+}
+
+/// The CRD schemas: the copy in the repository, or `EG_CRD_DIR` to try another release's.
 pub fn crd_dir() -> PathBuf {
-    std::env::var_os("EG_CRD_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("../shared/envoy-gateway/crds"))
+    std::env::var_os("EG_CRD_DIR").map(PathBuf::from).unwrap_or_else(|| envoy_gateway_fixtures().join("crds"))
 }
 
 /// Every document of a multi-document YAML file or string.
 pub fn yaml_docs(path: &Path) -> anyhow::Result<Vec<Value>> {
-    yaml_docs_str(&std::fs::read_to_string(path)?)
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading YAML file {}", path.display()))?;
+    yaml_docs_str(&text).with_context(|| format!("parsing YAML file {}", path.display()))
 }
 
 pub fn yaml_docs_str(text: &str) -> anyhow::Result<Vec<Value>> {
@@ -45,11 +51,22 @@ pub fn strict(schema: &mut Value) {
     }
 }
 
-/// Schemas by (apiVersion, kind), from every CRD in the directory.
+/// Schemas by (apiVersion, kind), from every CRD in [`crd_dir`].
 pub fn schemas() -> anyhow::Result<HashMap<(String, String), Value>> {
+    schemas_in(&crd_dir())
+}
+
+/// Schemas by (apiVersion, kind), from every CRD in `dir`.
+pub fn schemas_in(dir: &Path) -> anyhow::Result<HashMap<(String, String), Value>> {
     let mut out = HashMap::new();
-    for entry in std::fs::read_dir(crd_dir())? {
-        let path = entry?.path();
+    let entries = std::fs::read_dir(dir).with_context(|| {
+        format!(
+            "reading {}: expected Envoy Gateway's CRD YAML files (see tests/fixtures/envoy-gateway/README.md)",
+            dir.display()
+        )
+    })?;
+    for entry in entries {
+        let path = entry.with_context(|| format!("listing {}", dir.display()))?.path();
         if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
             continue;
         }
@@ -70,6 +87,9 @@ pub fn schemas() -> anyhow::Result<HashMap<(String, String), Value>> {
                 out.insert((api, kind.clone()), schema);
             }
         }
+    }
+    if out.is_empty() {
+        anyhow::bail!("{}: no CustomResourceDefinition found in its *.yaml files", dir.display());
     }
     Ok(out)
 }

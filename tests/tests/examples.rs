@@ -1,5 +1,5 @@
 //! The shipped examples are what users apply: every Envoy Gateway and Gateway API manifest must
-//! validate against the CRD schemas Envoy Gateway ships (`../shared/envoy-gateway/crds/`), the
+//! validate against the CRD schemas Envoy Gateway ships (`tests/fixtures/envoy-gateway/crds/`), the
 //! pieces must agree with each other, and the local Envoy config must load.
 
 use churn_guard::config::Config;
@@ -103,4 +103,45 @@ fn local_envoy_example_loads() -> anyhow::Result<()> {
     let log = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && log.contains("OK"), "{log}");
     Ok(())
+}
+
+/// The project carries Envoy Gateway's reference data (nothing is read from outside the
+/// repository): the CRDs must accept the translator's own Wasm policy inputs, so a refresh that
+/// brings CRDs and samples from different releases is caught here.
+#[test]
+fn carried_envoy_gateway_samples_validate_against_the_carried_crds() -> anyhow::Result<()> {
+    let fixtures = harness::crds::envoy_gateway_fixtures();
+    assert!(fixtures.starts_with(workspace_root()), "{} is outside the repository", fixtures.display());
+    assert!(fixtures.join("LICENSE").is_file() && fixtures.join("README.md").is_file(), "license and provenance");
+    let schemas = schemas()?;
+    let mut policies = 0;
+    for name in
+        ["envoyextensionpolicy-with-wasm.in.yaml", "envoyextensionpolicy-with-wasm-invalid-configuration.in.yaml"]
+    {
+        let path = fixtures.join("policy-samples").join(name);
+        for input in yaml_docs(&path)? {
+            for doc in input
+                .as_object()
+                .into_iter()
+                .flat_map(|o| o.values())
+                .flat_map(|v| v.as_array().cloned().unwrap_or_default())
+            {
+                let kind = doc["kind"].as_str().unwrap_or_default().to_string();
+                match validate(&schemas, &doc) {
+                    Ok(_) => policies += usize::from(kind == "EnvoyExtensionPolicy"),
+                    Err(errors) => panic!("{} ({kind}) is invalid:\n{}", path.display(), errors.join("\n")),
+                }
+            }
+        }
+    }
+    assert!(policies >= 4, "found only {policies} EnvoyExtensionPolicies in the samples");
+    Ok(())
+}
+
+/// A missing CRD directory is reported with its path, not as a bare "No such file".
+#[test]
+fn a_missing_crd_directory_is_named_in_the_error() {
+    let dir = workspace_root().join("target/no-such-crd-dir");
+    let err = harness::crds::schemas_in(&dir).err().map(|e| format!("{e:#}")).unwrap_or_default();
+    assert!(err.contains(&dir.display().to_string()) && err.contains("CRD"), "{err}");
 }
