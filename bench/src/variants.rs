@@ -101,7 +101,6 @@ impl Variant {
                 spec.outlier_detection = Some(json!({
                     "splitExternalLocalOriginErrors": true,
                     "consecutiveLocalOriginFailure": 1,
-                    "enforcingConsecutiveLocalOriginFailure": 100,
                     "consecutiveGatewayFailure": 1,
                     "enforcingConsecutiveGatewayFailure": 100,
                     "consecutive5xx": 3,

@@ -1,5 +1,6 @@
 //! Envoy configuration shaped like what Envoy Gateway generates (see
-//! `../shared/envoy-gateway/xds-samples/`): the Wasm filter disabled on the listener and enabled
+//! `tests/fixtures/envoy-gateway/xds-samples/`, checked by
+//! `bench/tests/envoy_gateway_shape.rs`): the Wasm filter disabled on the listener and enabled
 //! per route, loaded from a remote HTTP source pinned by sha256, before the router; EDS clusters
 //! with least-request balancing, or `override_host` for `loadBalancer.endpointOverride`; no route
 //! retry policy unless a BackendTrafficPolicy would add one.
@@ -7,6 +8,7 @@
 //! xDS is served from files (`path_config_source`), rewritten atomically, so tests can change
 //! endpoints and listeners while Envoy runs, as a control plane would.
 
+use anyhow::Context as _;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -122,7 +124,11 @@ pub fn clusters(dir: &Path, spec: &GatewaySpec) -> Vec<Value> {
                 "name": "envoy.load_balancing_policies.override_host",
                 "typedConfig": {
                     "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost",
-                    "fallbackPolicy": {"policies": [lb_least_request()]},
+                    // As Envoy Gateway writes it: least request, without locality weighting.
+                    "fallbackPolicy": {"policies": [{"typedExtensionConfig": {
+                        "name": "envoy.load_balancing_policies.least_request",
+                        "typedConfig": {"@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest"}
+                    }}]},
                     "overrideHostSources": [{"header": header}]
                 }
             }
@@ -292,14 +298,17 @@ impl XdsFiles {
     fn write(&mut self, file: &str, value: &Value) -> anyhow::Result<()> {
         self.version += 1;
         let tmp = self.dir.join(format!(".{file}.tmp"));
-        std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)?;
-        std::fs::rename(&tmp, self.dir.join(file))?;
+        std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)
+            .with_context(|| format!("writing xDS file {}", tmp.display()))?;
+        let dest = self.dir.join(file);
+        std::fs::rename(&tmp, &dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
         Ok(())
     }
 
     pub fn write_bootstrap(&mut self) -> anyhow::Result<PathBuf> {
         let path = self.dir.join("bootstrap.json");
-        std::fs::write(&path, serde_json::to_vec_pretty(&bootstrap(&self.dir))?)?;
+        std::fs::write(&path, serde_json::to_vec_pretty(&bootstrap(&self.dir))?)
+            .with_context(|| format!("writing Envoy bootstrap {}", path.display()))?;
         Ok(path)
     }
 
