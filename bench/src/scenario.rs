@@ -6,6 +6,7 @@ use crate::load::{self, Recorder, Second};
 use crate::pods::{Deployment, RolloutSpec, Termination};
 use crate::service::ServiceProxy;
 use crate::variants::Variant;
+use anyhow::Context as _;
 use harness::gateway::{FilterSpec, GatewaySpec, PRIMARY};
 use harness::Lab;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -99,7 +100,18 @@ pub async fn run_with(
     let fallback: Vec<_> = service.iter().map(|s| s.addr).collect();
     let lab = match (configured, variant.module()) {
         (Some(c), _) => Lab::start_with_filter(spec, c.filter.clone(), &ready, &fallback).await?,
-        (None, Some(module)) => Lab::start_with_module(spec, &std::fs::read(&module)?, "{}", &ready, &fallback).await?,
+        (None, Some(module)) => {
+            Lab::start_with_module(
+                spec,
+                &std::fs::read(&module).with_context(|| {
+                    format!("reading Wasm module {} (run `make bench`, which builds it)", module.display())
+                })?,
+                "{}",
+                &ready,
+                &fallback,
+            )
+            .await?
+        }
         (None, None) => Lab::start(spec, filter_config.as_deref(), &ready, &fallback).await?,
     };
     let _control_plane =

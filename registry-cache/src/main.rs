@@ -82,7 +82,14 @@ fn cached_references(cache: &Cache, given: &[String]) -> anyhow::Result<Vec<Stri
 
 impl Upstream {
     fn pull_options(&self) -> anyhow::Result<PullOptions> {
-        let extra_ca_pem = self.ca_certs.iter().map(std::fs::read).collect::<Result<Vec<_>, _>>()?;
+        let extra_ca_pem = self
+            .ca_certs
+            .iter()
+            .map(|p| {
+                std::fs::read(p)
+                    .map_err(|e| anyhow::anyhow!("--ca-cert {}: {e} (expected a PEM CA certificate)", p.display()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(PullOptions {
             insecure_registries: self.insecure_registries.clone(),
             extra_ca_pem,
@@ -99,7 +106,10 @@ impl Upstream {
 
     fn auth_for(&self, image: &str) -> anyhow::Result<RegistryAuth> {
         let Some(path) = &self.auth else { return Ok(RegistryAuth::Anonymous) };
-        let auths = auth::parse_docker_config(&std::fs::read(path)?)?;
+        let bytes = std::fs::read(path).map_err(|e| {
+            anyhow::anyhow!("--auth {}: {e} (expected a Docker config.json or dockerconfigjson Secret)", path.display())
+        })?;
+        let auths = auth::parse_docker_config(&bytes).map_err(|e| anyhow::anyhow!("--auth {}: {e}", path.display()))?;
         Ok(auth::for_registry(&auths, parse_reference(image)?.resolve_registry()))
     }
 }
@@ -269,8 +279,10 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Render { policy, cache_dir, base_url, url_key } => {
-            let cache = Cache::open_read_only(&cache_dir)?;
-            let yaml = std::fs::read_to_string(&policy)?;
+            let yaml = std::fs::read_to_string(&policy)
+                .map_err(|e| anyhow::anyhow!("{}: {e} (expected EnvoyExtensionPolicy YAML)", policy.display()))?;
+            let cache = Cache::open_read_only(&cache_dir)
+                .map_err(|e| anyhow::anyhow!("{e} (expected a cache that `serve` or `pull` wrote)"))?;
             let key = read_url_key(url_key.as_deref())?;
             let token = |ns: &str, module: &str| registry_cache::permissions::url_token(&key, ns, module);
             print!("{}", render::render(&yaml, &base_url, |r| cache.lookup(r), token)?);

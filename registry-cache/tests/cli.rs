@@ -130,3 +130,24 @@ async fn push_serve_render_fetch_verify_and_stop() {
     let status = tokio::time::timeout(Duration::from_secs(30), serve.wait()).await.expect("serve ignored SIGTERM");
     assert!(status.expect("wait").success(), "serve should exit cleanly on SIGTERM");
 }
+
+/// A file the command line names that is missing is reported with its path and what it should
+/// have been, not as a bare "No such file or directory".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_files_are_named_in_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = dir.path().join("cache");
+    let missing = dir.path().join("no-such-file");
+    std::fs::create_dir_all(&cache).expect("cache dir");
+    let (ok, _, err) = run(&["pull", "127.0.0.1:1/x:v1", "--cache-dir", s(&cache), "--auth", s(&missing)]).await;
+    assert!(!ok && err.contains(s(&missing)) && err.contains("config.json"), "{err}");
+    let (ok, _, err) = run(&["pull", "127.0.0.1:1/x:v1", "--cache-dir", s(&cache), "--ca-cert", s(&missing)]).await;
+    assert!(!ok && err.contains(s(&missing)) && err.contains("PEM"), "{err}");
+    let (ok, _, err) = run(&["render", s(&missing), "--cache-dir", s(&cache)]).await;
+    assert!(!ok && err.contains(s(&missing)) && err.contains("EnvoyExtensionPolicy"), "{err}");
+    let policy_file = dir.path().join("policy.yaml");
+    std::fs::write(&policy_file, policy("127.0.0.1:1/x:v1")).expect("policy");
+    let (ok, _, err) = run(&["render", s(&policy_file), "--cache-dir", s(&missing)]).await;
+    let index = missing.join("index.json");
+    assert!(!ok && err.contains(s(&index)) && err.contains("`serve` or `pull` wrote"), "{err}");
+}

@@ -17,7 +17,11 @@ pub fn workspace_root() -> PathBuf {
 /// func-e, then `envoy` on PATH.
 pub fn envoy_bin() -> anyhow::Result<PathBuf> {
     if let Some(bin) = std::env::var_os("ENVOY_BIN") {
-        return Ok(PathBuf::from(bin));
+        let bin = PathBuf::from(bin);
+        if !bin.is_file() {
+            bail!("ENVOY_BIN={}: no such file (expected an Envoy 1.40 binary with V8)", bin.display());
+        }
+        return Ok(bin);
     }
     let venv = workspace_root().join(".venv/bin/envoy");
     if venv.is_file() {
