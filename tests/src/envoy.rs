@@ -58,6 +58,8 @@ impl Envoy {
         cmd.arg("-c")
             .arg(bootstrap)
             .args(["--concurrency", "2", "--disable-hot-restart", "--log-level", "info"])
+            // Tests read the log: flush it often rather than every 10 s.
+            .args(["--file-flush-interval-msec", "100"])
             .args(["--component-log-level", "wasm:debug"])
             .arg("--log-path")
             .arg(&log_path)
