@@ -4,6 +4,7 @@
 //! SDK's trait helpers unwrap host errors, and a panic here would kill the VM and fail traffic.
 
 use crate::budget::RetryBudget;
+use crate::clusters::ClusterMap;
 use crate::config::Config;
 use crate::decision::{decide, RequestFacts};
 use crate::health::{failed_steered, Applied, ClusterTable, Observation, Policy};
@@ -112,7 +113,7 @@ struct Metrics {
     steered: Option<u32>,
     fallbacks: Option<u32>,
     no_upstream: Option<u32>,
-    failures: [Option<u32>; 5],
+    failures: [Option<u32>; FailureKind::ALL.len()],
     ejected_endpoints: Option<u32>,
     known_endpoints: Option<u32>,
 }
@@ -175,13 +176,16 @@ struct Plugin {
     policy: Policy,
     metrics: Metrics,
     vm_id: u32,
-    budget: RefCell<RetryBudget>,
+    /// One budget per cluster: a failing cluster must not spend a healthy one's retries.
+    budgets: RefCell<ClusterMap<RetryBudget>>,
     rng: RefCell<Rng>,
-    tables: RefCell<HashMap<String, CachedTable>>,
+    tables: RefCell<ClusterMap<CachedTable>>,
     /// Probes in flight: call token → (cluster, endpoint).
     probes: RefCell<HashMap<u32, (String, String)>>,
-    /// Clusters this VM has put in the shared registry (`store::CLUSTERS_KEY`).
+    /// Clusters this VM has seen listed in the shared registry (`store::CLUSTERS_KEY`).
     registered: RefCell<HashSet<String>>,
+    /// The registry was full once; said once per VM, not per request.
+    registry_full_logged: std::cell::Cell<bool>,
 }
 
 impl Plugin {
@@ -190,26 +194,45 @@ impl Plugin {
         Self {
             debug: std::cell::Cell::new(host::debug_enabled()),
             policy: Policy::from_config(&config),
-            budget: RefCell::new(RetryBudget::new(&config.retry.budget)),
+            budgets: RefCell::new(ClusterMap::new(MAX_CACHED_CLUSTERS)),
             config,
             metrics: Metrics::define(),
             vm_id,
             rng: RefCell::new(Rng::new(seed)),
-            tables: RefCell::new(HashMap::new()),
+            tables: RefCell::new(ClusterMap::new(MAX_CACHED_CLUSTERS)),
             probes: RefCell::new(HashMap::new()),
             registered: RefCell::new(HashSet::new()),
+            registry_full_logged: std::cell::Cell::new(false),
+        }
+    }
+
+    /// Counts an original request to `cluster` and returns the retries its budget allows now.
+    fn budget_deposit(&self, cluster: &str, now_ms: u64) -> u32 {
+        let mut budgets = self.budgets.borrow_mut();
+        match budgets.get_or_insert_with(cluster, now_ms, || RetryBudget::new(&self.config.retry.budget)) {
+            Some(b) => {
+                b.deposit(now_ms);
+                b.available(now_ms)
+            }
+            None => 0,
+        }
+    }
+
+    fn budget_withdraw(&self, cluster: &str, now_ms: u64, retries: u32) {
+        if let Some(b) = self.budgets.borrow_mut().get_mut(cluster, now_ms) {
+            b.withdraw(now_ms, retries);
         }
     }
 
     fn with_table<R>(&self, cluster: &str, now_ms: u64, f: impl FnOnce(&ClusterTable) -> R) -> R {
         let mut tables = self.tables.borrow_mut();
-        let stale = tables.get(cluster).is_none_or(|c| now_ms.saturating_sub(c.fetched_ms) >= TABLE_REFRESH_MS);
-        if stale {
-            if tables.len() >= MAX_CACHED_CLUSTERS && !tables.contains_key(cluster) {
-                tables.clear();
-            }
+        let fresh =
+            tables.get_mut(cluster, now_ms).is_some_and(|c| now_ms.saturating_sub(c.fetched_ms) < TABLE_REFRESH_MS);
+        if !fresh {
             let table = store::load(&HostStore, cluster);
-            tables.insert(cluster.to_string(), CachedTable { table, fetched_ms: now_ms });
+            drop(tables);
+            self.remember(cluster, table, now_ms);
+            tables = self.tables.borrow_mut();
         }
         match tables.get(cluster) {
             Some(c) => f(&c.table),
@@ -218,7 +241,11 @@ impl Plugin {
     }
 
     fn remember(&self, cluster: &str, table: ClusterTable, now_ms: u64) {
-        self.tables.borrow_mut().insert(cluster.to_string(), CachedTable { table, fetched_ms: now_ms });
+        let mut tables = self.tables.borrow_mut();
+        let empty = || CachedTable { table: ClusterTable::default(), fetched_ms: now_ms };
+        if let Some(cached) = tables.get_or_insert_with(cluster, now_ms, empty) {
+            *cached = CachedTable { table, fetched_ms: now_ms };
+        }
     }
 
     /// Records observations of one finished request in the shared table.
@@ -228,7 +255,7 @@ impl Plugin {
         if !needed {
             return;
         }
-        let result = store::update(&HostStore, cluster, |table| {
+        let result = store::update(&HostStore, cluster, now_ms, |table| {
             let mut all = Applied::default();
             for obs in observations {
                 let applied = table.apply(obs, now_ms, &self.policy, suspect_ms);
@@ -249,13 +276,27 @@ impl Plugin {
                     }
                 }
                 self.remember(cluster, table, now_ms);
-                self.register(cluster);
+                self.register(cluster, now_ms);
             }
-            Err(e) => host::log(
-                LogLevel::Warn,
-                &format!("churn-guard: could not record observation for cluster {cluster}: {e:?}"),
-            ),
+            Err(e) => self.store_error(cluster, e),
         }
+    }
+
+    fn store_error(&self, cluster: &str, e: store::UpdateError) {
+        if e == store::UpdateError::Full {
+            if !self.registry_full_logged.replace(true) {
+                host::log(
+                    LogLevel::Warn,
+                    &format!(
+                        "churn-guard: {} clusters already have shared state; cluster {cluster} and others get none \
+                         until some expire",
+                        store::MAX_CLUSTERS
+                    ),
+                );
+            }
+            return;
+        }
+        host::log(LogLevel::Warn, &format!("churn-guard: could not record observation for cluster {cluster}: {e:?}"));
     }
 
     /// Probes endpoints back from an ejection, each pinned to its endpoint with the override
@@ -263,7 +304,7 @@ impl Plugin {
     fn probe(&self, now_ms: u64) {
         let Some(o) = &self.config.endpoint_override else { return };
         let ttl = self.config.ejection.endpoint_ttl_ms;
-        let clusters: Vec<String> = self.tables.borrow().keys().cloned().collect();
+        let clusters: Vec<String> = self.tables.borrow().clusters().map(str::to_string).collect();
         for cluster in clusters {
             let targets: Vec<String> = self.with_table(&cluster, now_ms, |t| {
                 t.unproven_addresses(now_ms, ttl).into_iter().take(PROBES_PER_TICK).map(str::to_string).collect()
@@ -310,37 +351,65 @@ impl Plugin {
         self.observe(&cluster, &[observation], host::now_ms());
     }
 
-    /// Lists `cluster` in shared data once per VM, so that every VM's gauges include it.
-    fn register(&self, cluster: &str) {
+    /// Keeps `cluster` listed in shared data, so that every VM's gauges include it: creating its
+    /// table lists it, but it may have expired since while this VM still routes to it.
+    fn register(&self, cluster: &str, now_ms: u64) {
         let mut registered = self.registered.borrow_mut();
         if registered.contains(cluster) || registered.len() >= store::MAX_CLUSTERS {
             return;
         }
-        match store::register(&HostStore, cluster) {
+        match store::register(&HostStore, cluster, now_ms) {
             Ok(()) => {
                 registered.insert(cluster.to_string());
             }
-            Err(e) => host::log(LogLevel::Warn, &format!("churn-guard: could not register cluster {cluster}: {e:?}")),
+            Err(e) => {
+                drop(registered);
+                self.store_error(cluster, e);
+            }
         }
     }
 
-    /// Gauges over every cluster with a table in shared data, not just those this VM has served:
-    /// all VMs, including the main thread's, which serves none, then report the same figures.
-    fn refresh_gauges(&self, now_ms: u64) {
+    /// Once per tick: gauges over every cluster with a table in shared data, not just those this
+    /// VM has served (all VMs, including the main thread's, which serves none, then report the
+    /// same figures); shared state of clusters nobody routed to for the TTL is removed, and so is
+    /// this VM's own.
+    fn housekeeping(&self, now_ms: u64) {
         let ttl = self.config.ejection.endpoint_ttl_ms;
         let (mut ejected, mut known) = (0, 0);
-        for cluster in store::clusters(&HostStore) {
-            let cached = self.tables.borrow().contains_key(&cluster);
-            let (e, k) = if cached {
-                self.with_table(&cluster, now_ms, |t| t.counts(now_ms, ttl))
+        let listed = store::clusters(&HostStore);
+        for cluster in &listed {
+            let cached = self.tables.borrow().contains(cluster);
+            let (e, k, expired) = if cached {
+                self.with_table(cluster, now_ms, |t| {
+                    let (e, k) = t.counts(now_ms, ttl);
+                    (e, k, t.is_expired(now_ms, ttl))
+                })
             } else {
-                store::load(&HostStore, &cluster).counts(now_ms, ttl)
+                let t = store::load(&HostStore, cluster);
+                let (e, k) = t.counts(now_ms, ttl);
+                (e, k, t.is_expired(now_ms, ttl))
             };
             ejected += e;
             known += k;
+            if expired {
+                match store::retire(&HostStore, cluster, now_ms, ttl) {
+                    Ok(true) => {
+                        self.tables.borrow_mut().remove(cluster);
+                        if self.debug.get() {
+                            host::log(LogLevel::Debug, &format!("churn-guard: cluster {cluster} expired"));
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => host::log(LogLevel::Warn, &format!("churn-guard: could not expire {cluster}: {e:?}")),
+                }
+            }
         }
         record(self.metrics.ejected_endpoints, ejected);
         record(self.metrics.known_endpoints, known);
+        // Listed again by the next observation if another VM removed it from the registry.
+        self.registered.borrow_mut().retain(|c| listed.contains(c));
+        self.tables.borrow_mut().expire(now_ms, ttl);
+        self.budgets.borrow_mut().expire(now_ms, ttl);
     }
 }
 
@@ -389,6 +458,9 @@ impl RootContext for Root {
         };
         match Config::parse(&bytes) {
             Ok(config) => {
+                if let Err(e) = store::ensure_registry(&HostStore) {
+                    host::log(LogLevel::Warn, &format!("churn-guard: cannot create the cluster registry: {e:?}"));
+                }
                 let vm_id = self.vm_id();
                 self.plugin = Some(Rc::new(Plugin::new(config, vm_id)));
                 if let Err(status) = hostcalls::set_tick_period(Duration::from_secs(1)) {
@@ -408,7 +480,7 @@ impl RootContext for Root {
         if let Some(plugin) = &self.plugin {
             plugin.debug.set(host::debug_enabled());
             let now = host::now_ms();
-            plugin.refresh_gauges(now);
+            plugin.housekeeping(now);
             plugin.probe(now);
         }
     }
@@ -438,7 +510,6 @@ impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let p = Rc::clone(&self.plugin);
         let now = host::now_ms();
-        p.budget.borrow_mut().deposit(now);
         let Some(cluster) = host::cluster_name() else { return Action::Continue };
         let method = host::request_header(":method").unwrap_or_default();
         let facts = RequestFacts {
@@ -450,7 +521,7 @@ impl HttpContext for Request {
                 .as_ref()
                 .is_some_and(|o| host::request_header(&o.header).is_some()),
         };
-        let available = p.budget.borrow().available(now);
+        let available = p.budget_deposit(&cluster, now);
         let decision =
             p.with_table(&cluster, now, |t| decide(&p.config, &facts, t, now, available, &mut p.rng.borrow_mut()));
 
@@ -522,8 +593,9 @@ impl HttpContext for Request {
         let p = Rc::clone(&self.plugin);
         // The route only changes cluster when the fallback header re-routed it.
         // on_log is the request's last callback: take the name rather than copy it.
-        let cluster = match (self.cluster.take(), self.fell_back) {
-            (Some(c), false) => c,
+        let routed = self.cluster.take();
+        let cluster = match (&routed, self.fell_back) {
+            (Some(c), false) => c.clone(),
             _ => match host::cluster_name() {
                 Some(c) => c,
                 None => return,
@@ -541,15 +613,19 @@ impl HttpContext for Request {
         let attempts = host::property_int(&["upstream", "request_attempt_count"]).unwrap_or(1);
         let retries = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX);
         let now = host::now_ms();
-        p.budget.borrow_mut().withdraw(now, retries);
+        // Charged where the request was routed first: that cluster's budget granted the retries.
+        p.budget_withdraw(routed.as_deref().unwrap_or(&cluster), now, retries);
         inc(p.metrics.retries_performed, u64::from(retries));
 
         let outcome = classify(u32::try_from(status).unwrap_or(0), flags, address.is_some());
         let mut observations = Vec::with_capacity(self.steered.len() + 2);
         let steered_here = !self.steered.is_empty() && !self.fell_back;
+        let mut attributed = 0u32;
         if let (true, Some(addr)) = (steered_here, &address) {
-            for failed in failed_steered(&self.steered, addr) {
-                observations.push(Observation::Failure(failed, FailureKind::ConnectFailure));
+            for failed in failed_steered(&self.steered, addr, attempts) {
+                inc(p.metrics.failure(FailureKind::RetriedAttempt), 1);
+                observations.push(Observation::Failure(failed, FailureKind::RetriedAttempt));
+                attributed += 1;
             }
         }
         match (outcome, &address) {
@@ -564,7 +640,8 @@ impl HttpContext for Request {
             }
             _ => {}
         }
-        if !steered_here && retries > 0 && p.config.endpoint_override.is_some() {
+        // Retries whose endpoints are not known: steer until they are.
+        if retries > attributed && p.config.endpoint_override.is_some() {
             observations.push(Observation::Unattributed);
         }
         if !observations.is_empty() {

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 /// steady state does not write shared data on every request.
 pub const LAST_SEEN_RESOLUTION_MS: u64 = 1_000;
 
-const FORMAT_VERSION: u8 = 2;
+const FORMAT_VERSION: u8 = 3;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointState {
@@ -109,8 +109,9 @@ pub struct Applied {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterTable {
-    /// Bumped on every write; lets readers tell tables apart cheaply.
-    pub generation: u64,
+    /// When an observation last changed the table; a table without live endpoints that has not
+    /// changed for the endpoint TTL belongs to a cluster nobody routes to any more.
+    pub last_write_ms: u64,
     /// Sorted by address.
     pub endpoints: Vec<EndpointState>,
     pub consecutive_no_upstream: u32,
@@ -170,6 +171,12 @@ impl ClusterTable {
     pub fn counts(&self, now_ms: u64, ttl_ms: u64) -> (usize, usize) {
         let t = self.tally(now_ms, ttl_ms);
         (t.ejected, t.known)
+    }
+
+    /// Nothing has been learnt about this cluster for `ttl_ms`: no endpoint is known any more and
+    /// no observation changed the table since. Its shared state can go.
+    pub fn is_expired(&self, now_ms: u64, ttl_ms: u64) -> bool {
+        self.live(now_ms, ttl_ms).next().is_none() && self.last_write_ms.saturating_add(ttl_ms) <= now_ms
     }
 
     /// Whether any known endpoint is ejected, or back from an ejection and not proven yet.
@@ -303,7 +310,7 @@ impl ClusterTable {
         }
         if applied.changed {
             self.forget_expired(now_ms, policy.ejection.endpoint_ttl_ms);
-            self.generation = self.generation.wrapping_add(1);
+            self.last_write_ms = now_ms;
         }
         applied
     }
@@ -349,15 +356,21 @@ fn bump(counter: &mut u16) {
     *counter = counter.saturating_add(1);
 }
 
-/// Which steered endpoints failed, given the list sent in the override header and the endpoint
-/// that served the last attempt. Envoy's `override_host` policy consumes the list in order, one
-/// entry per attempt, skipping entries it does not know; so every entry before the final one
-/// failed or is no longer in the cluster. If the final endpoint is not in the list, Envoy's own
-/// load balancer served it after the list ran out: every entry failed.
-pub fn failed_steered<'a>(steered: &'a [String], final_address: &str) -> &'a [String] {
+/// Which steered endpoints certainly failed an attempt, given the list sent in the override
+/// header, the endpoint that served the last attempt and Envoy's attempt count.
+///
+/// Envoy's `override_host` policy consumes the list in order, one entry per attempt, and skips
+/// entries that are not in the cluster (no longer in EDS) without an attempt; once the list is
+/// used up, the cluster's own load balancer picks. So the entries before the final endpoint
+/// failed an attempt each only if there were exactly that many retries; with fewer, some entry
+/// was skipped and nobody can say which one failed. A final endpoint outside the list was the
+/// balancer's pick, after an unknown mix of skipped and failed entries. In both cases nothing
+/// is attributed: a healthy endpoint must never be blamed for an address Envoy does not know.
+pub fn failed_steered<'a>(steered: &'a [String], final_address: &str, attempts: u64) -> &'a [String] {
+    let retries = usize::try_from(attempts.saturating_sub(1)).unwrap_or(usize::MAX);
     match steered.iter().position(|a| a == final_address) {
-        Some(p) => steered.get(..p).unwrap_or_default(),
-        None => steered,
+        Some(tried) if tried == retries => steered.get(..tried).unwrap_or_default(),
+        _ => &[],
     }
 }
 
@@ -571,9 +584,39 @@ mod tests {
     #[test]
     fn attribution_of_steered_attempts() {
         let list: Vec<String> = [A, B, C].iter().map(|s| s.to_string()).collect();
-        assert!(failed_steered(&list, A).is_empty());
-        assert_eq!(failed_steered(&list, C), &list[..2]);
-        assert_eq!(failed_steered(&list, "10.9.9.9:80"), &list[..]);
-        assert!(failed_steered(&[], A).is_empty());
+        // Served by the first entry at the first attempt: nothing failed.
+        assert!(failed_steered(&list, A, 1).is_empty());
+        // Two retries and the third entry answered: the first two failed one attempt each.
+        assert_eq!(failed_steered(&list, C, 3), &list[..2]);
+        assert!(failed_steered(&[], A, 1).is_empty());
+    }
+
+    #[test]
+    fn skipped_entries_make_attribution_impossible() {
+        let list = [A.to_string(), B.to_string(), C.to_string()];
+        // C answered after one retry: A or B was not in EDS and was skipped, the other failed.
+        // Which is which cannot be told, so neither is blamed.
+        assert!(failed_steered(&list, C, 2).is_empty());
+        // Served by Envoy's balancer after the list: skipped or failed entries, in an unknown mix.
+        assert!(failed_steered(&list, "10.9.9.9:80", 3).is_empty());
+        assert!(failed_steered(&list, "10.9.9.9:80", 4).is_empty());
+        // More retries than entries before the final one: the balancer served, and a later
+        // retry happened to land on a listed endpoint.
+        assert!(failed_steered(&list, A, 3).is_empty());
+    }
+
+    #[test]
+    fn a_cluster_expires_once_nothing_is_known_or_learnt_for_the_ttl() {
+        let p = policy();
+        let ttl = p.ejection.endpoint_ttl_ms;
+        let mut t = ClusterTable::default();
+        assert!(t.is_expired(ttl, ttl), "an empty, never written table");
+        ok(&mut t, A, 1_000);
+        assert!(!t.is_expired(1_000 + ttl - 1, ttl));
+        assert!(t.is_expired(1_000 + ttl, ttl));
+        let mut t = ClusterTable::default();
+        t.apply(&Observation::NoUpstream, 5_000, &p, 0);
+        assert!(!t.is_expired(5_000 + ttl - 1, ttl), "no endpoints, but recently observed");
+        assert!(t.is_expired(5_000 + ttl, ttl));
     }
 }

@@ -2,10 +2,11 @@
 //! endpoints churn behind Envoy (Gateway).
 //!
 //! Host-independent logic lives in plain modules (`config`, `outcome`, `health`, `budget`,
-//! `decision`, `store`) that are unit-tested natively and on wasm32; `filter` is the thin
+//! `clusters`, `decision`, `store`) that are unit-tested natively and on wasm32; `filter` is the thin
 //! proxy-wasm glue, built only for the WASI target Envoy loads.
 
 pub mod budget;
+pub mod clusters;
 pub mod config;
 pub mod decision;
 pub mod health;

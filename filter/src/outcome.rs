@@ -41,6 +41,10 @@ pub enum FailureKind {
     GatewayError,
     /// Any other 5xx from the endpoint.
     ServerError,
+    /// An attempt on a steered endpoint that Envoy retried on the next one. Envoy does not say
+    /// why an earlier attempt failed (response flags describe the last one), so it counts as a
+    /// gateway error: one alone never ejects, and the endpoint is probed to find out.
+    RetriedAttempt,
 }
 
 impl FailureKind {
@@ -60,15 +64,17 @@ impl FailureKind {
             FailureKind::Timeout => "timeout",
             FailureKind::GatewayError => "gateway_error",
             FailureKind::ServerError => "server_error",
+            FailureKind::RetriedAttempt => "retried_attempt",
         }
     }
 
-    pub const ALL: [FailureKind; 5] = [
+    pub const ALL: [FailureKind; 6] = [
         FailureKind::ConnectFailure,
         FailureKind::Reset,
         FailureKind::Timeout,
         FailureKind::GatewayError,
         FailureKind::ServerError,
+        FailureKind::RetriedAttempt,
     ];
 }
 
@@ -163,6 +169,12 @@ mod tests {
         assert_eq!(classify(503, f(0), true), Outcome::Failure(FailureKind::GatewayError));
         assert_eq!(classify(500, f(0), true), Outcome::Failure(FailureKind::ServerError));
         assert!(!FailureKind::ServerError.is_gateway_error());
+    }
+
+    #[test]
+    fn a_retried_attempt_is_a_gateway_error_not_a_connect_failure() {
+        assert!(FailureKind::RetriedAttempt.is_gateway_error());
+        assert!(!FailureKind::RetriedAttempt.is_local_origin());
     }
 
     #[test]

@@ -49,6 +49,7 @@ enum Kind {
     Timeout,
     GatewayError,
     ServerError,
+    RetriedAttempt,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -94,6 +95,7 @@ fn kind(k: &Kind) -> FailureKind {
         Kind::Timeout => FailureKind::Timeout,
         Kind::GatewayError => FailureKind::GatewayError,
         Kind::ServerError => FailureKind::ServerError,
+        Kind::RetriedAttempt => FailureKind::RetriedAttempt,
     }
 }
 
@@ -143,9 +145,9 @@ fuzz_target!(|input: Input| {
             assert!(!applied.changed, "would_change said no, apply changed {before:?} -> {t:?} for {obs:?}");
         }
         if !applied.changed {
-            assert_eq!(t.generation, before.generation);
+            assert_eq!(t.last_write_ms, before.last_write_ms);
         } else {
-            assert_eq!(t.generation, before.generation.wrapping_add(1));
+            assert_eq!(t.last_write_ms, now);
         }
         for (addr, duration) in &applied.ejected {
             assert!(matches!(obs, Observation::Failure(a, _) if a == addr));

@@ -27,6 +27,8 @@ pub enum Mode {
     ResetAfterRequest = 1,
     /// 503, as a pod that is shutting down might.
     Unavailable = 2,
+    /// 503 to every other request and 200 to the rest: alive, but shedding load.
+    UnavailableEveryOther = 3,
 }
 
 impl Mode {
@@ -34,6 +36,7 @@ impl Mode {
         match v {
             1 => Mode::ResetAfterRequest,
             2 => Mode::Unavailable,
+            3 => Mode::UnavailableEveryOther,
             _ => Mode::Ok,
         }
     }
@@ -43,11 +46,15 @@ impl Mode {
 struct Counters {
     /// Requests received, by method.
     by_method: HashMap<String, u64>,
+    /// 503s answered.
+    unavailable: u64,
 }
 
 struct Shared {
     name: String,
     mode: AtomicU8,
+    /// Requests answered in `UnavailableEveryOther`, to alternate.
+    served: std::sync::atomic::AtomicU64,
     counters: Mutex<Counters>,
     body: Option<Bytes>,
 }
@@ -91,6 +98,7 @@ impl Upstream {
         let shared = Arc::new(Shared {
             name: name.to_string(),
             mode: AtomicU8::new(Mode::Ok as u8),
+            served: std::sync::atomic::AtomicU64::new(0),
             counters: Mutex::new(Counters::default()),
             body,
         });
@@ -185,6 +193,11 @@ impl Upstream {
     pub fn hits_for(&self, method: &str) -> u64 {
         self.shared.counters.lock().map(|c| c.by_method.get(method).copied().unwrap_or(0)).unwrap_or(0)
     }
+
+    /// 503s this upstream answered.
+    pub fn unavailable_answers(&self) -> u64 {
+        self.shared.counters.lock().map(|c| c.unavailable).unwrap_or(0)
+    }
 }
 
 impl Drop for Upstream {
@@ -227,8 +240,18 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         );
         r
     };
-    match Mode::from_u8(shared.mode.load(Ordering::SeqCst)) {
-        Mode::Ok => {
+    let mode = match Mode::from_u8(shared.mode.load(Ordering::SeqCst)) {
+        Mode::UnavailableEveryOther if shared.served.fetch_add(1, Ordering::SeqCst) % 2 == 0 => Mode::Unavailable,
+        Mode::UnavailableEveryOther => Mode::Ok,
+        mode => mode,
+    };
+    if mode == Mode::Unavailable {
+        if let Ok(mut c) = shared.counters.lock() {
+            c.unavailable += 1;
+        }
+    }
+    match mode {
+        Mode::UnavailableEveryOther | Mode::Ok => {
             Ok(response(StatusCode::OK, shared.body.clone().unwrap_or_else(|| Bytes::from(shared.name.clone()))))
         }
         Mode::Unavailable => Ok(response(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(b"shutting down"))),
