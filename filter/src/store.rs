@@ -306,11 +306,16 @@ mod tests {
         observe_at(store, obs, now)
     }
 
+    /// Whether a call (key, is it a set) is the moment for the other worker to act.
+    type Moment<'a> = Box<dyn Fn(&str, bool) -> bool + 'a>;
+    /// The other worker's writes.
+    type OtherWorker<'a> = RefCell<Option<Box<dyn FnOnce(&MemoryStore) + 'a>>>;
+
     /// Another worker's writes, run once at the moment `when` matches a call of this worker's.
     struct Interleaved<'a> {
         inner: MemoryStore,
-        when: Box<dyn Fn(&str, bool) -> bool + 'a>,
-        other: RefCell<Option<Box<dyn FnOnce(&MemoryStore) + 'a>>>,
+        when: Moment<'a>,
+        other: OtherWorker<'a>,
     }
 
     impl<'a> Interleaved<'a> {

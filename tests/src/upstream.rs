@@ -241,7 +241,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         r
     };
     let mode = match Mode::from_u8(shared.mode.load(Ordering::SeqCst)) {
-        Mode::UnavailableEveryOther if shared.served.fetch_add(1, Ordering::SeqCst) % 2 == 0 => Mode::Unavailable,
+        Mode::UnavailableEveryOther if shared.served.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) => {
+            Mode::Unavailable
+        }
         Mode::UnavailableEveryOther => Mode::Ok,
         mode => mode,
     };
