@@ -7,7 +7,7 @@ use crate::budget::RetryBudget;
 use crate::clusters::ClusterMap;
 use crate::config::Config;
 use crate::decision::{decide, RequestFacts};
-use crate::health::{failed_steered, Applied, ClusterTable, Observation, Policy};
+use crate::health::{absent_steered, failed_steered, Applied, ClusterTable, Observation, Policy};
 use crate::outcome::{classify, FailureKind, Outcome, ResponseFlags};
 use crate::properties;
 use crate::rng::Rng;
@@ -626,6 +626,9 @@ impl HttpContext for Request {
                 inc(p.metrics.failure(FailureKind::RetriedAttempt), 1);
                 observations.push(Observation::Failure(failed, FailureKind::RetriedAttempt));
                 attributed += 1;
+            }
+            for absent in absent_steered(&self.steered, addr, attempts) {
+                observations.push(Observation::Absent(absent));
             }
         }
         match (outcome, &address) {

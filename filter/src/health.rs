@@ -90,6 +90,9 @@ pub enum Observation<'a> {
     NoUpstream,
     /// A request needed retries whose endpoints are unknown; worth steering to find out.
     Unattributed,
+    /// The endpoint is not in the cluster's endpoint set any more (Envoy skipped it in an
+    /// override list); it is forgotten, ejected or not.
+    Absent(&'a str),
 }
 
 /// Counts of a cluster's known endpoints; see `ClusterTable::tally`.
@@ -227,6 +230,7 @@ impl ClusterTable {
                 }
             },
             Observation::Unattributed => self.suspect_until_ms <= now_ms,
+            Observation::Absent(addr) => self.find(addr).is_some(),
             _ => true,
         }
     }
@@ -301,6 +305,12 @@ impl ClusterTable {
                     self.no_upstream_until_ms = now_ms.saturating_add(policy.ejection.base_ejection_ms);
                 }
             }
+            Observation::Absent(addr) => {
+                if let Ok(i) = self.endpoints.binary_search_by(|e| e.address.as_str().cmp(addr)) {
+                    self.endpoints.remove(i);
+                    applied.changed = true;
+                }
+            }
             Observation::Unattributed => {
                 if self.suspect_until_ms <= now_ms {
                     applied.changed = true;
@@ -371,6 +381,19 @@ pub fn failed_steered<'a>(steered: &'a [String], final_address: &str, attempts: 
     match steered.iter().position(|a| a == final_address) {
         Some(tried) if tried == retries => steered.get(..tried).unwrap_or_default(),
         _ => &[],
+    }
+}
+
+/// Which steered endpoints are certainly no longer in the cluster: when the first attempt went
+/// to the entry at position k (or, past the list, to Envoy's balancer), `override_host` skipped
+/// every entry before it without an attempt, which it does only for addresses it does not have.
+pub fn absent_steered<'a>(steered: &'a [String], final_address: &str, attempts: u64) -> &'a [String] {
+    if attempts != 1 {
+        return &[];
+    }
+    match steered.iter().position(|a| a == final_address) {
+        Some(k) => steered.get(..k).unwrap_or_default(),
+        None => steered,
     }
 }
 
@@ -589,6 +612,27 @@ mod tests {
         // Two retries and the third entry answered: the first two failed one attempt each.
         assert_eq!(failed_steered(&list, C, 3), &list[..2]);
         assert!(failed_steered(&[], A, 1).is_empty());
+    }
+
+    #[test]
+    fn entries_skipped_before_the_first_attempt_are_absent() {
+        let list = [A.to_string(), B.to_string(), C.to_string()];
+        assert!(absent_steered(&list, A, 1).is_empty());
+        assert_eq!(absent_steered(&list, C, 1), &list[..2], "the first attempt went to the third entry");
+        assert_eq!(absent_steered(&list, "10.9.9.9:80", 1), &list[..], "the balancer served the first attempt");
+        // With retries, skipped and failed entries cannot be told apart.
+        assert!(absent_steered(&list, C, 2).is_empty());
+        assert!(absent_steered(&list, "10.9.9.9:80", 3).is_empty());
+
+        let mut t = ClusterTable::default();
+        ok(&mut t, A, 1_000);
+        fail(&mut t, B, 1_000);
+        let p = policy();
+        assert!(t.would_change(&Observation::Absent(B), 1_001));
+        assert!(t.apply(&Observation::Absent(B), 1_001, &p, 0).changed);
+        assert!(t.find(B).is_none() && !t.is_ejected(B, 1_002), "an absent endpoint is forgotten, ejection and all");
+        assert!(!t.would_change(&Observation::Absent(B), 1_003));
+        assert!(t.find(A).is_some());
     }
 
     #[test]

@@ -58,6 +58,7 @@ enum Op {
     Failure(u8, Kind),
     NoUpstream,
     Unattributed,
+    Absent(u8),
     /// Time passes.
     Advance(u32),
     /// Another worker's clock, slightly behind.
@@ -116,6 +117,7 @@ fuzz_target!(|input: Input| {
             Op::Failure(a, k) => Observation::Failure(address(*a), kind(k)),
             Op::NoUpstream => Observation::NoUpstream,
             Op::Unattributed => Observation::Unattributed,
+            Op::Absent(a) => Observation::Absent(address(*a)),
             Op::Advance(ms) => {
                 now = now.saturating_add(u64::from(*ms));
                 continue;
@@ -173,9 +175,13 @@ fuzz_target!(|input: Input| {
         assert!(t.endpoints.len() <= cap, "{} endpoints, cap {cap}", t.endpoints.len());
         assert!(t.endpoints.windows(2).all(|w| w[0].address < w[1].address), "sorted and unique");
         assert!(t.endpoints.iter().all(|e| e.level <= 63));
-        // Endpoints still ejected are not forgotten by an update.
+        if let Observation::Absent(a) = obs {
+            assert!(t.find(a).is_none(), "{a} is absent and still in the table");
+        }
+        // Endpoints still ejected are not forgotten by an update, unless they left the cluster.
         if applied.changed {
-            for e in before.endpoints.iter().filter(|e| e.is_ejected(now)) {
+            let absent = |addr: &str| matches!(obs, Observation::Absent(a) if a == addr);
+            for e in before.endpoints.iter().filter(|e| e.is_ejected(now) && !absent(&e.address)) {
                 let evicted_for_space = before.endpoints.len() >= cap;
                 assert!(t.find(&e.address).is_some() || evicted_for_space, "{} forgotten while ejected", e.address);
             }

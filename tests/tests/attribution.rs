@@ -2,7 +2,7 @@
 //! last attempt and how many attempts there were, not who failed the earlier ones; with
 //! `endpointOverride`, Envoy's `override_host` policy walks the list in order and skips
 //! addresses that are no longer in EDS without an attempt. A healthy endpoint must never be
-//! blamed for that.
+//! blamed for that, and an address Envoy skipped before the first attempt is known to be gone.
 
 use harness::gateway::{GatewaySpec, PRIMARY};
 use harness::upstream::{Mode, Upstream};
@@ -62,6 +62,11 @@ async fn skipped_override_entries_and_retried_503s_eject_nothing_healthy() -> an
     assert_eq!(failed, 0, "clients saw failures");
     assert!(a.unavailable_answers() > 0, "pod-a never answered 503, so nothing was retried");
     assert!(named_gone > 0, "no steered list named the address EDS dropped; the case was not exercised");
+    // A steered request whose first attempt went past the dropped pod's entry proves it absent
+    // from EDS: the filter forgets it instead of keeping it for the endpoint TTL.
+    let forgotten =
+        eventually(LIMIT, || async { lab.envoy.metric("known_endpoints").await.is_ok_and(|n| n == 2) }).await;
+    assert!(forgotten, "the pod EDS dropped is still counted as known");
     let log = lab.envoy.log();
     for addr in [&a_addr, &b_addr] {
         assert!(!log.contains(&format!("ejected {addr} ")), "{addr} was ejected:\n{}", lab.envoy.log_tail(40));
