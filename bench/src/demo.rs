@@ -44,6 +44,7 @@ pub fn scenario(options: &DemoOptions) -> Scenario {
         steady_for: Duration::ZERO,
         per_try_timeout: None,
         connect_timeout: None,
+        tuned_timeouts: None,
     }
 }
 

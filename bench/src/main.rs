@@ -3,7 +3,7 @@
 use churn_lab::demo::{self, DemoOptions};
 use churn_lab::pods::{RolloutSpec, Termination};
 use churn_lab::report::{self, Summary};
-use churn_lab::scenario::{self, Load, RunResult, Scenario};
+use churn_lab::scenario::{self, Load, RunResult, Scenario, Timeouts};
 use churn_lab::variants::Variant;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
@@ -30,11 +30,11 @@ enum Command {
         #[arg(long, default_value = "target/demo")]
         out: PathBuf,
     },
-    /// Scenarios S1-S3 for every configuration; writes table, CSV and charts.
+    /// Scenarios S1-S5 for every configuration; writes table, CSV and charts.
     Bench {
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
-        #[arg(long, value_delimiter = ',', value_enum, default_value = "s1,s2,s3")]
+        #[arg(long, value_delimiter = ',', value_enum, default_value = "s1,s2,s3,s4,s5")]
         scenarios: Vec<ScenarioName>,
     },
     /// registry-cache: permission answer latency, blob throughput against docker-registry,
@@ -73,6 +73,8 @@ enum ScenarioName {
     S1,
     S2,
     S3,
+    S4,
+    S5,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -80,6 +82,7 @@ enum TerminationArg {
     Graceful,
     Abrupt,
     Vanish,
+    Mixed,
 }
 
 fn rollout(replicas: usize, termination: Termination) -> RolloutSpec {
@@ -107,6 +110,7 @@ fn s1() -> Scenario {
         steady_for: Duration::ZERO,
         per_try_timeout: None,
         connect_timeout: None,
+        tuned_timeouts: None,
     }
 }
 
@@ -141,7 +145,58 @@ fn s3(load: Load, name: &str) -> Scenario {
         steady_for: Duration::from_secs(20),
         per_try_timeout: None,
         connect_timeout: None,
+        tuned_timeouts: None,
     }
+}
+
+/// S4, partial staleness: the control plane is a few seconds late, so Envoy's endpoint list
+/// always holds live pods beside dead ones; half the dead pods refuse and drain, half reset.
+fn s4() -> Scenario {
+    Scenario {
+        name: "S4".into(),
+        replicas: 40,
+        termination: Termination::Mixed,
+        rollout: Some(RolloutSpec {
+            replicas: 40,
+            max_surge: 0.25,
+            max_unavailable: 0.25,
+            readiness_delay: Duration::from_secs(2),
+            termination: Termination::Mixed,
+        }),
+        lag: Duration::from_secs(3),
+        batch: Duration::from_secs(1),
+        load: Load::Open { rate: 500 },
+        warmup: Duration::from_secs(8),
+        settle: Duration::from_secs(5),
+        steady_for: Duration::ZERO,
+        per_try_timeout: None,
+        connect_timeout: None,
+        tuned_timeouts: None,
+    }
+}
+
+/// S5: S4's rollout, but dead pods vanish without a reset. Envoy Gateway's default timeouts
+/// (10 s connect, none per try) for every configuration but `builtin-tuned+timeouts` and the
+/// recipe, which get what a user facing vanishing pods would set.
+fn s5() -> Scenario {
+    let mut s = s4();
+    s.name = "S5".into();
+    s.termination = Termination::Vanish;
+    if let Some(r) = s.rollout.as_mut() {
+        r.termination = Termination::Vanish;
+    }
+    s.load = Load::Open { rate: 300 };
+    s.tuned_timeouts = Some(Timeouts { connect: Duration::from_secs(1), per_try: Duration::from_secs(1) });
+    s
+}
+
+/// The configurations S4 and S5 compare: S1's, and in S5 the tuned native baseline too.
+fn rollout_variants(with_tuned_timeouts: bool) -> Vec<Variant> {
+    let mut v = Variant::ALL.to_vec();
+    if with_tuned_timeouts {
+        v.insert(3, Variant::BuiltinTunedTimeouts);
+    }
+    v
 }
 
 fn say(line: &str) {
@@ -196,7 +251,11 @@ fn write_results(out: &Path, command: &str, sections: &[(String, Vec<RunResult>)
         all_summaries.extend(summaries.iter().cloned());
         let chart = format!("{}.svg", title.split_whitespace().next().unwrap_or("chart").to_lowercase());
         std::fs::write(out.join(&chart), report::svg(title, results))?;
-        md.push_str(&format!("## {title}\n\n![{title}]({chart})\n\n{}\n", report::table(&summaries)));
+        md.push_str(&format!(
+            "## {title}\n\n![{title}]({chart})\n\n{}\nInside Envoy (from its stats):\n\n{}\n",
+            report::table(&summaries),
+            report::inside_table(results)
+        ));
         all.extend(results.iter().cloned());
     }
     md.push_str(notes);
@@ -261,6 +320,18 @@ async fn bench(out: &Path, scenarios: &[ScenarioName]) -> anyhow::Result<()> {
                     run_all(&s2(), &Variant::ALL).await?,
                 ));
             }
+            ScenarioName::S4 => {
+                sections.push((
+                    "S4 partial staleness: control plane 3 s late, pods refuse or reset".to_string(),
+                    run_all(&s4(), &rollout_variants(false)).await?,
+                ));
+            }
+            ScenarioName::S5 => {
+                sections.push((
+                    "S5 partial staleness, pods vanish without a reset".to_string(),
+                    run_all(&s5(), &rollout_variants(true)).await?,
+                ));
+            }
             ScenarioName::S3 => {
                 let variants = [Variant::Plain, Variant::WasmNoop, Variant::ChurnGuard, Variant::ChurnGuardOverride];
                 let fixed = s3(Load::Open { rate: 500 }, "S3-fixed-rate");
@@ -310,6 +381,8 @@ async fn main() -> anyhow::Result<()> {
                     ScenarioName::S1 => s1(),
                     ScenarioName::S2 => s2(),
                     ScenarioName::S3 => s3(Load::Open { rate: 500 }, "S3"),
+                    ScenarioName::S4 => s4(),
+                    ScenarioName::S5 => s5(),
                 };
                 if let Some(p) = pods {
                     s.replicas = p;
@@ -331,13 +404,15 @@ async fn main() -> anyhow::Result<()> {
                         TerminationArg::Graceful => Termination::Graceful,
                         TerminationArg::Abrupt => Termination::Abrupt,
                         TerminationArg::Vanish => Termination::Vanish,
+                        TerminationArg::Mixed => Termination::Mixed,
                     };
                     s.termination = t;
                     if let Some(r) = s.rollout.as_mut() {
                         r.termination = t;
                     }
                 }
-                let variants = if variants.is_empty() { Variant::ALL.to_vec() } else { variants };
+                let variants =
+                    if variants.is_empty() { rollout_variants(s.tuned_timeouts.is_some()) } else { variants };
                 let results = run_all(&s, &variants).await?;
                 write_results(&out, &std::env::args().collect::<Vec<_>>().join(" "), &[(s.name.clone(), results)], "")
             }

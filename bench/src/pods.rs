@@ -22,6 +22,8 @@ pub enum Termination {
     /// The pod's IP disappears from the network without a reset: packets are dropped, so
     /// connects and requests in flight time out (needs iptables).
     Vanish,
+    /// Every other pod graceful, the rest abrupt: some refuse and drain, some reset.
+    Mixed,
 }
 
 #[derive(Debug, Clone)]
@@ -47,6 +49,7 @@ impl RolloutSpec {
 }
 
 struct Pod {
+    id: usize,
     upstream: Upstream,
     generation: u32,
     ready_at: Instant,
@@ -85,7 +88,7 @@ impl Deployment {
         let id = self.next_id;
         self.next_id += 1;
         let upstream = Upstream::start_on(&format!("pod-{id}"), SocketAddr::new(pod_ip(id), 0)).await?;
-        self.pods.push(Pod { upstream, generation, ready_at });
+        self.pods.push(Pod { id, upstream, generation, ready_at });
         Ok(())
     }
 
@@ -101,9 +104,14 @@ impl Deployment {
 
     fn terminate(&mut self, index: usize, how: Termination) {
         let mut pod = self.pods.swap_remove(index);
+        let how = match how {
+            Termination::Mixed if pod.id.is_multiple_of(2) => Termination::Graceful,
+            Termination::Mixed => Termination::Abrupt,
+            how => how,
+        };
         match how {
             Termination::Graceful => pod.upstream.drain(),
-            Termination::Abrupt => pod.upstream.kill_now(),
+            Termination::Abrupt | Termination::Mixed => pod.upstream.kill_now(),
             Termination::Vanish => {
                 if let Some(b) = &self.blackhole {
                     b.drop_traffic_to(pod.upstream.addr);

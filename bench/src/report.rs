@@ -100,6 +100,19 @@ pub fn table(summaries: &[Summary]) -> String {
     out
 }
 
+/// Envoy's stats for each run: how each configuration got its result.
+pub fn inside_table(results: &[RunResult]) -> String {
+    let mut out = String::from(
+        "| configuration | retries | attempts via the Service | steered requests | churn-guard ejections |\n|---|---:|---:|---:|---:|\n",
+    );
+    for r in results {
+        let i = &r.inside;
+        let _ =
+            writeln!(out, "| {} | {} | {} | {} | {} |", r.variant, i.retries, i.via_service, i.steered, i.ejections);
+    }
+    out
+}
+
 pub fn csv(results: &[RunResult]) -> String {
     let mut out = String::from("scenario,configuration,second,sent,ok,failed,p50_ms,p99_ms,failures\n");
     for r in results {
@@ -274,6 +287,7 @@ pub fn targets(all: &[Summary]) -> String {
              happen.\n\n",
         );
     }
+    out.push_str(&rollout_targets(all));
     if let (Some(plain), Some(noop)) = (find("S3-saturation", "plain"), find("S3-saturation", "wasm-noop")) {
         for g in ["churn-guard", "churn-guard+override"] {
             let Some(s) = find("S3-saturation", g) else { continue };
@@ -305,6 +319,70 @@ pub fn targets(all: &[Summary]) -> String {
         out.push_str(
             "\n  Any proxy-wasm filter costs Envoy a share of its throughput (the no-op row); churn-guard's own \
              cost on top is mostly host calls for properties and headers on every request.\n",
+        );
+    }
+    out
+}
+
+/// The targets of the rollout scenarios that a client feels: failures, served requests/s during
+/// the rollout, p99, each against the best native configuration measured in the same run.
+fn rollout_targets(all: &[Summary]) -> String {
+    let find = |scenario: &str, variant: &str| all.iter().find(|s| s.scenario == scenario && s.variant == variant);
+    let rps = |s: &Summary| s.rollout_rps_pct.unwrap_or(0.0);
+    let mut out = String::new();
+    let recipe = "churn-guard+fallback";
+    for scenario in ["S1", "S2"] {
+        let Some(s) = find(scenario, recipe) else { continue };
+        let want = if scenario == "S1" { 100.0 } else { 99.9 };
+        let _ = writeln!(
+            out,
+            "- {scenario} {recipe}: success {:.3}% ≥ {want}%: {}; ok/s during rollout {:.1}% ≥ 95%: {}; p99 {:.2} ms ≤ 50 ms: {}",
+            s.success_pct,
+            verdict(s.success_pct >= want, format!("by {:.3} points", want - s.success_pct)),
+            rps(s),
+            verdict(rps(s) >= 95.0, format!("by {:.1} points", 95.0 - rps(s))),
+            s.p99_ms,
+            verdict(s.p99_ms <= 50.0, format!("{:.0}x", s.p99_ms / 50.0)),
+        );
+    }
+    if let (Some(s), Some(tuned)) = (find("S4", recipe), find("S4", "builtin-tuned")) {
+        let failed_pct = 100.0 * s.failed as f64 / s.sent.max(1) as f64;
+        let _ = writeln!(
+            out,
+            "- S4 {recipe}: failed {failed_pct:.4}% ≤ 0.01%: {}; failed {} ≤ builtin-tuned's {} / 10: {}; ok/s during rollout {:.1}% ≥ 95%: {}; p99 {:.2} ms ≤ 2 × builtin-tuned's {:.2} ms: {}",
+            verdict(failed_pct <= 0.01, format!("by {:.4} points", failed_pct - 0.01)),
+            s.failed,
+            tuned.failed,
+            verdict(s.failed * 10 <= tuned.failed, format!("{:.1}x the tenth", s.failed as f64 * 10.0 / tuned.failed.max(1) as f64)),
+            rps(s),
+            verdict(rps(s) >= 95.0, format!("by {:.1} points", 95.0 - rps(s))),
+            s.p99_ms,
+            tuned.p99_ms,
+            verdict(s.p99_ms <= 2.0 * tuned.p99_ms, format!("{:.1}x builtin-tuned's", s.p99_ms / tuned.p99_ms.max(1e-9))),
+        );
+    }
+    if let (Some(s), Some(builtin)) = (find("S4", "churn-guard"), find("S4", "builtin")) {
+        let _ = writeln!(
+            out,
+            "- S4 churn-guard `{{}}`: failed {} ≤ builtin's {}: {}; ok/s during rollout {:.1}% within 10 points of builtin's {:.1}%: {}",
+            s.failed,
+            builtin.failed,
+            verdict(s.failed <= builtin.failed, format!("{:.1}x builtin's", s.failed as f64 / builtin.failed.max(1) as f64)),
+            rps(s),
+            rps(builtin),
+            verdict(rps(s) >= rps(builtin) - 10.0, format!("by {:.1} points", rps(builtin) - 10.0 - rps(s))),
+        );
+    }
+    if let Some(s) = find("S5", recipe) {
+        let _ = writeln!(
+            out,
+            "- S5 {recipe} (1 s connect and per-try timeouts, as builtin-tuned+timeouts): success {:.3}% ≥ 99.9%: {}; ok/s during rollout {:.1}% ≥ 90%: {}; worst second {} ok/s > 0: {}",
+            s.success_pct,
+            verdict(s.success_pct >= 99.9, format!("by {:.3} points", 99.9 - s.success_pct)),
+            rps(s),
+            verdict(rps(s) >= 90.0, format!("by {:.1} points", 90.0 - rps(s))),
+            s.worst_second_rps,
+            verdict(s.worst_second_rps > 0, "a second with no success".into()),
         );
     }
     out

@@ -4,10 +4,10 @@
 use crate::control_plane::ControlPlane;
 use crate::load::{self, Recorder, Second};
 use crate::pods::{Deployment, RolloutSpec, Termination};
-use crate::service::ServiceProxy;
+use crate::service::{ServiceProxy, KUBE_PROXY_DELAY};
 use crate::variants::Variant;
 use anyhow::Context as _;
-use harness::gateway::{FilterSpec, GatewaySpec, PRIMARY};
+use harness::gateway::{FilterSpec, GatewaySpec, FALLBACK, PRIMARY};
 use harness::Lab;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -40,6 +40,27 @@ pub struct Scenario {
     pub per_try_timeout: Option<Duration>,
     /// Cluster connect timeout for every configuration (None: Envoy Gateway's 10 s).
     pub connect_timeout: Option<Duration>,
+    /// Timeouts a user would tune, for the configurations that take them
+    /// (`Variant::takes_tuned_timeouts`) instead of the two above.
+    pub tuned_timeouts: Option<Timeouts>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// BackendTrafficPolicy `timeout.tcp.connectTimeout`.
+    pub connect: Duration,
+    /// BackendTrafficPolicy `retry.perRetry.timeout`, or churn-guard's `retry.perTryTimeoutMs`.
+    pub per_try: Duration,
+}
+
+impl Scenario {
+    /// (connect timeout, per-try timeout) for `variant`.
+    pub fn timeouts(&self, variant: Variant) -> (Option<Duration>, Option<Duration>) {
+        match self.tuned_timeouts {
+            Some(t) if variant.takes_tuned_timeouts() => (Some(t.connect), Some(t.per_try)),
+            _ => (self.connect_timeout, self.per_try_timeout),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -52,6 +73,33 @@ pub struct RunResult {
     /// Envoy's CPU time (user + system, all threads) per request sent after warm-up: what the
     /// proxy spends, apart from the load generator and upstreams sharing the machine.
     pub envoy_cpu_us_per_request: Option<f64>,
+    /// What happened inside Envoy over the run, from its stats.
+    pub inside: Inside,
+}
+
+/// Envoy's own account of a run: how the configuration got its result.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Inside {
+    /// Retries Envoy performed, on the endpoints and on the Service path.
+    pub retries: u64,
+    /// Requests (attempts) sent through the Service path.
+    pub via_service: u64,
+    /// Requests churn-guard steered with the override header.
+    pub steered: u64,
+    /// Ejections churn-guard decided.
+    pub ejections: u64,
+}
+
+async fn inside(lab: &Lab) -> Inside {
+    let stats = lab.envoy.stats().await.unwrap_or_default();
+    let stat = |k: String| stats.get(&k).copied().unwrap_or(0);
+    Inside {
+        retries: stat(format!("cluster.{PRIMARY}.upstream_rq_retry"))
+            + stat(format!("cluster.{FALLBACK}.upstream_rq_retry")),
+        via_service: stat(format!("cluster.{FALLBACK}.upstream_rq_total")),
+        steered: stat("wasmcustom.churn_guard.steered".into()),
+        ejections: stat("wasmcustom.churn_guard.ejections".into()),
+    }
 }
 
 /// CPU time a process has used so far, in microseconds.
@@ -88,14 +136,18 @@ pub async fn run_with(
     progress: Progress<'_>,
 ) -> anyhow::Result<RunResult> {
     let mut deployment = Deployment::start(scenario.replicas, scenario.termination).await?;
-    let filter_config = variant.filter_config(scenario.per_try_timeout);
+    let (connect_timeout, per_try_timeout) = scenario.timeouts(variant);
+    let filter_config = variant.filter_config(per_try_timeout);
     let mut spec = match configured {
         Some(c) => c.spec.clone(),
-        None => variant.spec(scenario.per_try_timeout),
+        None => variant.spec(per_try_timeout),
     };
-    spec.connect_timeout = scenario.connect_timeout;
-    let service =
-        if spec.fallback.is_some() { Some(ServiceProxy::start(deployment.endpoints.clone()).await?) } else { None };
+    spec.connect_timeout = connect_timeout;
+    let service = if spec.fallback.is_some() {
+        Some(ServiceProxy::start(deployment.endpoints.clone(), KUBE_PROXY_DELAY).await?)
+    } else {
+        None
+    };
     let ready = deployment.ready_addrs(Instant::now());
     let fallback: Vec<_> = service.iter().map(|s| s.addr).collect();
     let lab = match (configured, variant.module()) {
@@ -173,6 +225,13 @@ pub async fn run_with(
     let envoy_cpu_us_per_request =
         cpu_at_warmup.zip(cpu_us(envoy_pid)).map(|(before, after)| (after - before) / sent.max(1) as f64);
     reporter.abort();
+    let inside = inside(&lab).await;
+    if let Some(dir) = std::env::var_os("CHURN_LAB_KEEP_LOGS") {
+        let _ = std::fs::copy(
+            &lab.envoy.log_path,
+            std::path::Path::new(&dir).join(format!("{}-{}.log", scenario.name, variant.name())),
+        );
+    }
     let mut seconds = recorder.snapshot();
     // Sending stopped within the last second: it is partial.
     if seconds.len() > 1 {
@@ -187,6 +246,7 @@ pub async fn run_with(
         seconds,
         rollout,
         envoy_cpu_us_per_request,
+        inside,
     })
 }
 

@@ -1,48 +1,99 @@
-//! The Service path: a TCP proxy that, like kube-proxy, sends each new connection to a pod that
-//! is ready right now. It always knows the live pods, because it follows the EndpointSlice
-//! truth directly instead of through the lagging control plane.
+//! The Service path, modelled on kube-proxy rather than kinder than it:
+//!
+//! - it learns endpoint changes `delay` late (kube-proxy applies EndpointSlices about a second
+//!   after they change);
+//! - each new connection goes to one pod picked at random from what it knows, with no second
+//!   try inside the Service: a connection to a pod that is gone fails. In iptables mode the
+//!   client's own connect would be refused or time out; through this userspace stand-in the
+//!   client's connect succeeds and is then reset, or hangs;
+//! - a connection already open to a pod that vanishes hangs, as conntrack keeps it pinned.
 
 use crate::pods::Endpoints;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// How late kube-proxy applies an EndpointSlice change.
+pub const KUBE_PROXY_DELAY: Duration = Duration::from_secs(1);
 
 pub struct ServiceProxy {
     pub addr: SocketAddr,
-    task: JoinHandle<()>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl ServiceProxy {
-    pub async fn start(endpoints: Endpoints) -> anyhow::Result<Self> {
+    pub async fn start(truth: Endpoints, delay: Duration) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let next = Arc::new(AtomicUsize::new(0));
-        let task = tokio::spawn(async move {
+        let known: Endpoints = Arc::new(RwLock::new(truth.read().map(|v| v.clone()).unwrap_or_default()));
+        let follower = tokio::spawn(follow(truth, Arc::clone(&known), delay));
+        let proxy = tokio::spawn(async move {
+            let mut seed = u64::from(addr.port()) | 1;
             loop {
-                let Ok((mut downstream, _)) = listener.accept().await else { continue };
-                let endpoints = endpoints.clone();
-                let next = Arc::clone(&next);
-                tokio::spawn(async move {
-                    let pods = endpoints.read().map(|v| v.clone()).unwrap_or_default();
-                    for attempt in 0..pods.len().min(3) {
-                        let i = next.fetch_add(1, Ordering::Relaxed).wrapping_add(attempt);
-                        let Some(pod) = pods.get(i % pods.len().max(1)) else { return };
-                        if let Ok(mut upstream) = TcpStream::connect(pod).await {
-                            let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
-                            return;
-                        }
-                    }
-                });
+                let Ok((downstream, _)) = listener.accept().await else { continue };
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let pods = known.read().map(|v| v.clone()).unwrap_or_default();
+                let pod = pods.get((seed % pods.len().max(1) as u64) as usize).copied();
+                tokio::spawn(forward(downstream, pod));
             }
         });
-        Ok(Self { addr, task })
+        Ok(Self { addr, tasks: vec![follower, proxy] })
+    }
+}
+
+/// Copies the truth into `known`, `delay` late.
+async fn follow(truth: Endpoints, known: Endpoints, delay: Duration) {
+    let mut history: VecDeque<(Instant, Vec<SocketAddr>)> = VecDeque::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let current = truth.read().map(|v| v.clone()).unwrap_or_default();
+        if history.back().map(|(_, v)| v) != Some(&current) {
+            history.push_back((now, current));
+        }
+        let Some(cutoff) = now.checked_sub(delay) else { continue };
+        while history.len() > 1 && history.get(1).is_some_and(|(t, _)| *t <= cutoff) {
+            history.pop_front();
+        }
+        if let Some((t, state)) = history.front() {
+            if *t <= cutoff {
+                if let Ok(mut k) = known.write() {
+                    if *k != *state {
+                        k.clone_from(state);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn forward(mut downstream: TcpStream, pod: Option<SocketAddr>) {
+    let upstream = match pod {
+        Some(pod) => TcpStream::connect(pod).await.ok(),
+        None => None,
+    };
+    match upstream {
+        Some(mut upstream) => {
+            let _ = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+        }
+        // Refused (or no pod at all): the client sees its connection reset.
+        None => {
+            let _ = downstream.set_zero_linger();
+        }
     }
 }
 
 impl Drop for ServiceProxy {
     fn drop(&mut self) {
-        self.task.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
     }
 }

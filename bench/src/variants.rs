@@ -15,6 +15,8 @@ pub enum Variant {
     /// The best Envoy-native tuning: retries on other hosts, one local-origin failure ejects,
     /// 100% may be ejected, panic mode off.
     BuiltinTuned,
+    /// `BuiltinTuned` with the connect and per-try timeouts a user facing vanishing pods sets.
+    BuiltinTunedTimeouts,
     /// churn-guard with `{}`.
     ChurnGuard,
     /// churn-guard steering through `endpointOverride`.
@@ -35,11 +37,18 @@ impl Variant {
         Variant::ChurnGuardFallback,
     ];
 
+    /// Scenarios with tuned timeouts (`Scenario::tuned_timeouts`) give them to these only; the
+    /// others keep the scenario's own, Envoy Gateway's defaults unless it says otherwise.
+    pub fn takes_tuned_timeouts(self) -> bool {
+        matches!(self, Variant::BuiltinTunedTimeouts | Variant::ChurnGuardFallback)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Variant::Plain => "plain",
             Variant::Builtin => "builtin",
             Variant::BuiltinTuned => "builtin-tuned",
+            Variant::BuiltinTunedTimeouts => "builtin-tuned+timeouts",
             Variant::ChurnGuard => "churn-guard",
             Variant::ChurnGuardOverride => "churn-guard+override",
             Variant::ChurnGuardFallback => "churn-guard+fallback",
@@ -51,7 +60,7 @@ impl Variant {
     /// tuned baseline and to churn-guard alike.
     pub fn filter_config(self, per_try_timeout: Option<std::time::Duration>) -> Option<String> {
         let mut c = match self {
-            Variant::Plain | Variant::Builtin | Variant::BuiltinTuned => return None,
+            Variant::Plain | Variant::Builtin | Variant::BuiltinTuned | Variant::BuiltinTunedTimeouts => return None,
             Variant::ChurnGuard | Variant::WasmNoop => json!({}),
             Variant::ChurnGuardOverride => json!({"endpointOverride": {"header": OVERRIDE_HEADER}}),
             Variant::ChurnGuardFallback => json!({
@@ -91,7 +100,7 @@ impl Variant {
                     "maxEjectionPercent": 10
                 }));
             }
-            Variant::BuiltinTuned => {
+            Variant::BuiltinTuned | Variant::BuiltinTunedTimeouts => {
                 let mut policy =
                     retry(10, "connect-failure,refused-stream,reset,retriable-status-codes", &[502, 503, 504]);
                 if let Some(t) = per_try_timeout {

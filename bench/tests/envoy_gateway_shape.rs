@@ -91,7 +91,7 @@ fn filter() -> FilterSpec {
 /// timeout, as the scenarios run them.
 fn specs() -> Vec<gateway::GatewaySpec> {
     let mut out = vec![];
-    for variant in Variant::ALL {
+    for variant in Variant::ALL.into_iter().chain([Variant::BuiltinTunedTimeouts]) {
         for timeout in [None, Some(Duration::from_secs(2))] {
             let mut spec = variant.spec(timeout);
             spec.connect_timeout = timeout;
