@@ -17,6 +17,8 @@ declare -A debs=(
   [htpasswd]=apache2-utils
   # `kubectl kustomize deploy/` renders the manifests in tests (works offline).
   [kubectl]=kubernetes-client
+  # `make bench`: registry-cache's blob throughput against docker-registry.
+  [wrk]=wrk
 )
 missing=()
 for cmd in "${!debs[@]}"; do
