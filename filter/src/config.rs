@@ -34,6 +34,10 @@ pub struct Config {
     /// Add an `x-churn-guard` response header describing the decision (exposes endpoint addresses;
     /// meant for debugging and tests).
     pub debug_header: bool,
+    /// Keep the override and fallback headers that arrive with a request. Off by default: they
+    /// steer routing, and any client could otherwise pin a pod or force Service routing. Turn it
+    /// on only where a trusted hop (a mesh) sets them on purpose.
+    pub trust_client_headers: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -174,6 +178,15 @@ impl Default for FallbackConfig {
 }
 
 impl Config {
+    /// Request headers that steer routing and that clients may not send: removed before the
+    /// filter decides, unless `trustClientHeaders`.
+    pub fn untrusted_headers(&self) -> impl Iterator<Item = &str> {
+        let trusted = self.trust_client_headers;
+        let override_header = self.endpoint_override.as_ref().map(|o| o.header.as_str());
+        let fallback_header = self.fallback.as_ref().map(|f| f.header.as_str());
+        override_header.into_iter().chain(fallback_header).filter(move |_| !trusted)
+    }
+
     /// Parses and validates a plugin configuration. Empty input means defaults.
     pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
         if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -294,6 +307,16 @@ mod tests {
         assert_eq!(Config::parse(b"").ok(), Some(Config::default()));
         assert_eq!(Config::parse(b"  \n").ok(), Some(Config::default()));
         assert_eq!(Config::parse(b"{}").ok(), Some(Config::default()));
+    }
+
+    #[test]
+    fn steering_headers_from_clients_are_untrusted_unless_configured() {
+        let c = Config::parse(br#"{"endpointOverride":{},"fallback":{"header":"x-fb"}}"#).unwrap_or_default();
+        let headers: Vec<&str> = c.untrusted_headers().collect();
+        assert_eq!(headers, vec!["x-gateway-destination-endpoint", "x-fb"]);
+        let c = Config::parse(br#"{"endpointOverride":{},"trustClientHeaders":true}"#).unwrap_or_default();
+        assert_eq!(c.untrusted_headers().count(), 0);
+        assert_eq!(Config::default().untrusted_headers().count(), 0, "nothing configured, nothing to remove");
     }
 
     #[test]

@@ -81,6 +81,16 @@ mod host {
         }
     }
 
+    pub fn remove_header(map: MapType, name: &str) -> bool {
+        match hostcalls::set_map_value(map, name, None) {
+            Ok(()) => true,
+            Err(status) => {
+                log(LogLevel::Warn, &format!("churn-guard: could not remove header {name}: {status:?}"));
+                false
+            }
+        }
+    }
+
     /// The cluster the request is routed to: known once the route is resolved.
     pub fn cluster_name() -> Option<String> {
         property_string(&["xds", "cluster_name"]).or_else(|| property_string(&["cluster_name"]))
@@ -112,6 +122,7 @@ struct Metrics {
     retries_performed: Option<u32>,
     steered: Option<u32>,
     fallbacks: Option<u32>,
+    client_headers_removed: Option<u32>,
     no_upstream: Option<u32>,
     failures: [Option<u32>; FailureKind::ALL.len()],
     ejected_endpoints: Option<u32>,
@@ -128,6 +139,7 @@ impl Metrics {
             retries_performed: counter("churn_guard.retries_performed"),
             steered: counter("churn_guard.steered"),
             fallbacks: counter("churn_guard.fallbacks"),
+            client_headers_removed: counter("churn_guard.client_headers_removed"),
             no_upstream: counter("churn_guard.no_healthy_upstream"),
             failures: FailureKind::ALL.map(|k| counter(&format!("churn_guard.failures.{}", k.name()))),
             ejected_endpoints: define(MetricType::Gauge, "churn_guard.ejected_endpoints"),
@@ -510,16 +522,22 @@ impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let p = Rc::clone(&self.plugin);
         let now = host::now_ms();
+        // Before the route is looked at: a client's fallback header would have chosen it.
+        let mut removed = 0;
+        for name in p.config.untrusted_headers() {
+            if host::request_header(name).is_some() && host::remove_header(MapType::HttpRequestHeaders, name) {
+                removed += 1;
+            }
+        }
+        inc(p.metrics.client_headers_removed, removed);
         let Some(cluster) = host::cluster_name() else { return Action::Continue };
         let method = host::request_header(":method").unwrap_or_default();
         let facts = RequestFacts {
             method: &method,
             has_retry_headers: RETRY_HEADERS.iter().any(|h| host::request_header(h).is_some()),
-            has_override_header: p
-                .config
-                .endpoint_override
-                .as_ref()
-                .is_some_and(|o| host::request_header(&o.header).is_some()),
+            // Someone trusted steers this request already.
+            has_override_header: p.config.trust_client_headers
+                && p.config.endpoint_override.as_ref().is_some_and(|o| host::request_header(&o.header).is_some()),
         };
         let available = p.budget_deposit(&cluster, now);
         let decision =
