@@ -7,6 +7,7 @@ pub mod control_plane;
 pub mod delivery;
 pub mod demo;
 pub mod gateway_examples;
+pub mod lagged;
 pub mod load;
 pub mod pods;
 pub mod registry_bench;

@@ -152,27 +152,13 @@ fn s3(load: Load, name: &str) -> Scenario {
 /// S4, partial staleness: the control plane is a few seconds late, so Envoy's endpoint list
 /// always holds live pods beside dead ones; half the dead pods refuse and drain, half reset.
 fn s4() -> Scenario {
-    Scenario {
-        name: "S4".into(),
-        replicas: 40,
-        termination: Termination::Mixed,
-        rollout: Some(RolloutSpec {
-            replicas: 40,
-            max_surge: 0.25,
-            max_unavailable: 0.25,
-            readiness_delay: Duration::from_secs(2),
-            termination: Termination::Mixed,
-        }),
-        lag: Duration::from_secs(3),
-        batch: Duration::from_secs(1),
-        load: Load::Open { rate: 500 },
-        warmup: Duration::from_secs(8),
-        settle: Duration::from_secs(5),
-        steady_for: Duration::ZERO,
-        per_try_timeout: None,
-        connect_timeout: None,
-        tuned_timeouts: None,
-    }
+    let mut s = s1();
+    s.name = "S4".into();
+    s.replicas = 40;
+    s.termination = Termination::Mixed;
+    s.rollout = Some(RolloutSpec { readiness_delay: Duration::from_secs(2), ..rollout(40, Termination::Mixed) });
+    s.lag = Duration::from_secs(3);
+    s
 }
 
 /// S5: S4's rollout, but dead pods vanish without a reset. Envoy Gateway's default timeouts

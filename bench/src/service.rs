@@ -8,8 +8,8 @@
 //!   client's connect succeeds and is then reset, or hangs;
 //! - a connection already open to a pod that vanishes hangs, as conntrack keeps it pinned.
 
+use crate::lagged::LaggedView;
 use crate::pods::Endpoints;
-use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -49,26 +49,15 @@ impl ServiceProxy {
 
 /// Copies the truth into `known`, `delay` late.
 async fn follow(truth: Endpoints, known: Endpoints, delay: Duration) {
-    let mut history: VecDeque<(Instant, Vec<SocketAddr>)> = VecDeque::new();
+    let mut view = LaggedView::default();
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     loop {
         tick.tick().await;
         let now = Instant::now();
-        let current = truth.read().map(|v| v.clone()).unwrap_or_default();
-        if history.back().map(|(_, v)| v) != Some(&current) {
-            history.push_back((now, current));
-        }
-        let Some(cutoff) = now.checked_sub(delay) else { continue };
-        while history.len() > 1 && history.get(1).is_some_and(|(t, _)| *t <= cutoff) {
-            history.pop_front();
-        }
-        if let Some((t, state)) = history.front() {
-            if *t <= cutoff {
-                if let Ok(mut k) = known.write() {
-                    if *k != *state {
-                        k.clone_from(state);
-                    }
-                }
+        view.observe(now, truth.read().map(|v| v.clone()).unwrap_or_default());
+        if let (Some(state), Ok(mut k)) = (view.due(now, delay), known.write()) {
+            if *k != *state {
+                k.clone_from(state);
             }
         }
     }
