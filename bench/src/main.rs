@@ -149,14 +149,17 @@ fn s3(load: Load, name: &str) -> Scenario {
     }
 }
 
-/// S4, partial staleness: the control plane is a few seconds late, so Envoy's endpoint list
-/// always holds live pods beside dead ones; half the dead pods refuse and drain, half reset.
+/// S4, partial staleness: the control plane is a few seconds late, but less late than a new
+/// pod takes to become ready, so Envoy's endpoint list always holds live pods beside dead ones;
+/// half the dead pods refuse and drain, half reset.
 fn s4() -> Scenario {
     let mut s = s1();
     s.name = "S4".into();
     s.replicas = 40;
     s.termination = Termination::Mixed;
-    s.rollout = Some(RolloutSpec { readiness_delay: Duration::from_secs(2), ..rollout(40, Termination::Mixed) });
+    // New pods take longer to become ready than Envoy takes to hear of them (3 s lag, 1 s
+    // batches), so the list always holds live pods: the last old ones, or the first new ones.
+    s.rollout = Some(RolloutSpec { readiness_delay: Duration::from_secs(5), ..rollout(40, Termination::Mixed) });
     s.lag = Duration::from_secs(3);
     s
 }

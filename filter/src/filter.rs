@@ -7,7 +7,7 @@ use crate::budget::RetryBudget;
 use crate::clusters::ClusterMap;
 use crate::config::Config;
 use crate::decision::{decide, RequestFacts};
-use crate::health::{absent_steered, failed_steered, Applied, ClusterTable, Observation, Policy};
+use crate::health::{absent_steered, failed_steered, suspect_steered, Applied, ClusterTable, Observation, Policy};
 use crate::outcome::{classify, FailureKind, Outcome, ResponseFlags};
 use crate::properties;
 use crate::rng::Rng;
@@ -647,6 +647,9 @@ impl HttpContext for Request {
             }
             for absent in absent_steered(&self.steered, addr, attempts) {
                 observations.push(Observation::Absent(absent));
+            }
+            for suspect in suspect_steered(&self.steered, addr, attempts) {
+                observations.push(Observation::Suspect(suspect));
             }
         }
         match (outcome, &address) {

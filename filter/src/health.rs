@@ -93,6 +93,9 @@ pub enum Observation<'a> {
     /// The endpoint is not in the cluster's endpoint set any more (Envoy skipped it in an
     /// override list); it is forgotten, ejected or not.
     Absent(&'a str),
+    /// The endpoint may have failed an attempt, or been skipped: nobody can tell. It counts no
+    /// failure, but is no longer proven, so steering puts it last and a probe finds out.
+    Suspect(&'a str),
 }
 
 /// Counts of a cluster's known endpoints; see `ClusterTable::tally`.
@@ -231,6 +234,7 @@ impl ClusterTable {
             },
             Observation::Unattributed => self.suspect_until_ms <= now_ms,
             Observation::Absent(addr) => self.find(addr).is_some(),
+            Observation::Suspect(addr) => self.find(addr).is_some_and(|e| e.proven),
             _ => true,
         }
     }
@@ -303,6 +307,14 @@ impl ClusterTable {
                 let threshold = policy.consecutive_no_upstream;
                 if threshold != 0 && self.consecutive_no_upstream >= threshold {
                     self.no_upstream_until_ms = now_ms.saturating_add(policy.ejection.base_ejection_ms);
+                }
+            }
+            Observation::Suspect(addr) => {
+                if let Ok(i) = self.endpoints.binary_search_by(|e| e.address.as_str().cmp(addr)) {
+                    if let Some(e) = self.endpoints.get_mut(i).filter(|e| e.proven) {
+                        e.proven = false;
+                        applied.changed = true;
+                    }
                 }
             }
             Observation::Absent(addr) => {
@@ -381,6 +393,19 @@ pub fn failed_steered<'a>(steered: &'a [String], final_address: &str, attempts: 
     match steered.iter().position(|a| a == final_address) {
         Some(tried) if tried == retries => steered.get(..tried).unwrap_or_default(),
         _ => &[],
+    }
+}
+
+/// Steered endpoints that may have failed an attempt when [`failed_steered`] cannot say which
+/// did: every entry Envoy went through before the final endpoint (all of them, if its balancer
+/// served in the end). Empty when nothing was retried.
+pub fn suspect_steered<'a>(steered: &'a [String], final_address: &str, attempts: u64) -> &'a [String] {
+    if attempts <= 1 || !failed_steered(steered, final_address, attempts).is_empty() {
+        return &[];
+    }
+    match steered.iter().position(|a| a == final_address) {
+        Some(k) => steered.get(..k).unwrap_or_default(),
+        None => steered,
     }
 }
 
@@ -612,6 +637,29 @@ mod tests {
         // Two retries and the third entry answered: the first two failed one attempt each.
         assert_eq!(failed_steered(&list, C, 3), &list[..2]);
         assert!(failed_steered(&[], A, 1).is_empty());
+    }
+
+    #[test]
+    fn ambiguous_retries_make_suspects_not_failures() {
+        let list = [A.to_string(), B.to_string(), C.to_string()];
+        // Exact: A and B failed, nobody is merely suspect.
+        assert!(suspect_steered(&list, C, 3).is_empty());
+        // One retry, C at the third place: A or B was skipped, the other failed.
+        assert_eq!(suspect_steered(&list, C, 2), &list[..2]);
+        assert_eq!(suspect_steered(&list, "10.9.9.9:80", 3), &list[..]);
+        assert!(suspect_steered(&list, C, 1).is_empty(), "no retry, nothing failed");
+
+        let p = policy();
+        let mut t = ClusterTable::default();
+        ok(&mut t, A, 1_000);
+        assert!(t.would_change(&Observation::Suspect(A), 1_001));
+        t.apply(&Observation::Suspect(A), 1_001, &p, 0);
+        let e = t.find(A).cloned().unwrap_or_else(|| unreachable!());
+        assert!(!e.proven && !t.is_ejected(A, 1_002) && !e.has_failures(), "unproven, nothing counted");
+        assert!(!t.would_change(&Observation::Suspect(A), 1_003));
+        assert!(!t.would_change(&Observation::Suspect(B), 1_003), "unknown endpoints are not added");
+        ok(&mut t, A, 1_004);
+        assert!(t.find(A).is_some_and(|e| e.proven), "an answer proves it again");
     }
 
     #[test]

@@ -59,6 +59,7 @@ enum Op {
     NoUpstream,
     Unattributed,
     Absent(u8),
+    Suspect(u8),
     /// Time passes.
     Advance(u32),
     /// Another worker's clock, slightly behind.
@@ -118,6 +119,7 @@ fuzz_target!(|input: Input| {
             Op::NoUpstream => Observation::NoUpstream,
             Op::Unattributed => Observation::Unattributed,
             Op::Absent(a) => Observation::Absent(address(*a)),
+            Op::Suspect(a) => Observation::Suspect(address(*a)),
             Op::Advance(ms) => {
                 now = now.saturating_add(u64::from(*ms));
                 continue;
