@@ -76,11 +76,6 @@ impl RetryBudget {
             left.min(f64::from(u32::MAX)) as u32
         }
     }
-
-    /// How many of `wanted` retries this request may have.
-    pub fn grant(&self, now_ms: u64, wanted: u32) -> u32 {
-        wanted.min(self.available(now_ms))
-    }
 }
 
 #[cfg(test)]
@@ -101,7 +96,7 @@ mod tests {
         for i in 0..1_000u64 {
             let now = i; // a thousand requests within one second
             b.deposit(now);
-            let granted = b.grant(now, 3);
+            let granted = b.available(now).min(3);
             b.withdraw(now, granted); // every retry was used and failed
             retries += granted;
         }
@@ -115,14 +110,13 @@ mod tests {
         for i in 0..100u64 {
             b.deposit(i * 10);
         }
-        assert_eq!(b.grant(1_000, 10), 10);
+        assert!(b.available(1_000) >= 10);
         assert!(b.available(1_000) >= 200);
     }
 
     #[test]
     fn minimum_allows_retries_on_idle_routes() {
         let b = budget(0.0, 5, 2);
-        assert_eq!(b.grant(0, 3), 3);
         assert_eq!(b.available(0), 10);
     }
 
@@ -140,6 +134,6 @@ mod tests {
     fn zero_ratio_zero_floor_means_no_retries() {
         let mut b = budget(0.0, 0, 10);
         b.deposit(0);
-        assert_eq!(b.grant(0, 3), 0);
+        assert_eq!(b.available(0), 0);
     }
 }

@@ -157,10 +157,6 @@ impl ClusterTable {
         self.endpoints.iter().filter(move |e| e.is_ejected(now_ms) || e.last_seen_ms.saturating_add(ttl_ms) > now_ms)
     }
 
-    pub fn ejected_count(&self, now_ms: u64) -> usize {
-        self.endpoints.iter().filter(|e| e.is_ejected(now_ms)).count()
-    }
-
     /// Known endpoints in one pass: how many are ejected, how many are ejected or unproven
     /// (back from an ejection with no answer since), and how many there are.
     pub fn tally(&self, now_ms: u64, ttl_ms: u64) -> Tally {
@@ -188,11 +184,6 @@ impl ClusterTable {
     /// Whether any known endpoint is ejected, or back from an ejection and not proven yet.
     pub fn has_trouble(&self, now_ms: u64, ttl_ms: u64) -> bool {
         self.live(now_ms, ttl_ms).any(|e| e.is_ejected(now_ms) || !e.proven)
-    }
-
-    /// Known endpoints that are ejected or have not answered since they last failed.
-    pub fn unhealthy_count(&self, now_ms: u64, ttl_ms: u64) -> usize {
-        self.tally(now_ms, ttl_ms).unhealthy
     }
 
     /// Endpoints back from an ejection that nothing has proven alive yet: candidates for probes.
@@ -541,13 +532,13 @@ mod tests {
         ok(&mut t, A, 0);
         ok(&mut t, B, 0);
         fail(&mut t, B, 100);
-        assert_eq!(t.unhealthy_count(200, 600_000), 1);
+        assert_eq!(t.tally(200, 600_000).unhealthy, 1);
         // The ejection ran out: B is back in rotation, last, and still counts as unhealthy.
         assert_eq!(t.healthy_addresses(20_000, 600_000), (vec![A], vec![B]));
-        assert_eq!(t.unhealthy_count(20_000, 600_000), 1);
+        assert_eq!(t.tally(20_000, 600_000).unhealthy, 1);
         assert_eq!(t.unproven_addresses(20_000, 600_000), vec![B]);
         ok(&mut t, B, 20_001);
-        assert_eq!(t.unhealthy_count(20_002, 600_000), 0);
+        assert_eq!(t.tally(20_002, 600_000).unhealthy, 0);
         assert!(t.unproven_addresses(20_002, 600_000).is_empty());
     }
 
