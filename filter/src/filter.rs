@@ -7,7 +7,7 @@ use crate::budget::RetryBudget;
 use crate::clusters::ClusterMap;
 use crate::config::Config;
 use crate::decision::{decide, RequestFacts};
-use crate::health::{absent_steered, failed_steered, suspect_steered, Applied, ClusterTable, Observation, Policy};
+use crate::health::{attribute_steered, Applied, ClusterTable, Observation, Policy, Steered};
 use crate::outcome::{classify, FailureKind, Outcome, ResponseFlags};
 use crate::properties;
 use crate::rng::Rng;
@@ -640,16 +640,14 @@ impl HttpContext for Request {
         let steered_here = !self.steered.is_empty() && !self.fell_back;
         let mut attributed = 0u32;
         if let (true, Some(addr)) = (steered_here, &address) {
-            for failed in failed_steered(&self.steered, addr, attempts) {
-                inc(p.metrics.failure(FailureKind::RetriedAttempt), 1);
-                observations.push(Observation::Failure(failed, FailureKind::RetriedAttempt));
-                attributed += 1;
-            }
-            for absent in absent_steered(&self.steered, addr, attempts) {
-                observations.push(Observation::Absent(absent));
-            }
-            for suspect in suspect_steered(&self.steered, addr, attempts) {
-                observations.push(Observation::Suspect(suspect));
+            match attribute_steered(&self.steered, addr, attempts) {
+                Steered::Failed(failed) => {
+                    inc(p.metrics.failure(FailureKind::RetriedAttempt), failed.len() as u64);
+                    observations.extend(failed.iter().map(|a| Observation::Failure(a, FailureKind::RetriedAttempt)));
+                    attributed = u32::try_from(failed.len()).unwrap_or(u32::MAX);
+                }
+                Steered::Absent(absent) => observations.extend(absent.iter().map(|a| Observation::Absent(a))),
+                Steered::Suspect(suspect) => observations.extend(suspect.iter().map(|a| Observation::Suspect(a))),
             }
         }
         match (outcome, &address) {

@@ -369,47 +369,34 @@ fn bump(counter: &mut u16) {
     *counter = counter.saturating_add(1);
 }
 
-/// Which steered endpoints certainly failed an attempt, given the list sent in the override
-/// header, the endpoint that served the last attempt and Envoy's attempt count.
+/// What a finished steered request says about the override-list entries before its final
+/// endpoint.
 ///
-/// Envoy's `override_host` policy consumes the list in order, one entry per attempt, and skips
-/// entries that are not in the cluster (no longer in EDS) without an attempt; once the list is
-/// used up, the cluster's own load balancer picks. So the entries before the final endpoint
-/// failed an attempt each only if there were exactly that many retries; with fewer, some entry
-/// was skipped and nobody can say which one failed. A final endpoint outside the list was the
-/// balancer's pick, after an unknown mix of skipped and failed entries. In both cases nothing
-/// is attributed: a healthy endpoint must never be blamed for an address Envoy does not know.
-pub fn failed_steered<'a>(steered: &'a [String], final_address: &str, attempts: u64) -> &'a [String] {
+/// Envoy reports the last attempt's endpoint and the attempt count, nothing about earlier
+/// attempts. Its `override_host` policy consumes the list in order, one entry per attempt, and
+/// skips entries that are not in the cluster (no longer in EDS) without an attempt; once the
+/// list is used up, the cluster's own load balancer picks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Steered<'a> {
+    /// The first attempt went past these entries: Envoy skipped them, which it does only for
+    /// addresses it does not have.
+    Absent(&'a [String]),
+    /// There were exactly as many retries as entries before the final endpoint: none can have
+    /// been skipped, so each failed an attempt.
+    Failed(&'a [String]),
+    /// Retries, but some entries were skipped too (or the balancer served in the end, after an
+    /// unknown mix): which failed cannot be told, and nobody is blamed.
+    Suspect(&'a [String]),
+}
+
+pub fn attribute_steered<'a>(steered: &'a [String], final_address: &str, attempts: u64) -> Steered<'a> {
     let retries = usize::try_from(attempts.saturating_sub(1)).unwrap_or(usize::MAX);
-    match steered.iter().position(|a| a == final_address) {
-        Some(tried) if tried == retries => steered.get(..tried).unwrap_or_default(),
-        _ => &[],
-    }
-}
-
-/// Steered endpoints that may have failed an attempt when [`failed_steered`] cannot say which
-/// did: every entry Envoy went through before the final endpoint (all of them, if its balancer
-/// served in the end). Empty when nothing was retried.
-pub fn suspect_steered<'a>(steered: &'a [String], final_address: &str, attempts: u64) -> &'a [String] {
-    if attempts <= 1 || !failed_steered(steered, final_address, attempts).is_empty() {
-        return &[];
-    }
-    match steered.iter().position(|a| a == final_address) {
-        Some(k) => steered.get(..k).unwrap_or_default(),
-        None => steered,
-    }
-}
-
-/// Which steered endpoints are certainly no longer in the cluster: when the first attempt went
-/// to the entry at position k (or, past the list, to Envoy's balancer), `override_host` skipped
-/// every entry before it without an attempt, which it does only for addresses it does not have.
-pub fn absent_steered<'a>(steered: &'a [String], final_address: &str, attempts: u64) -> &'a [String] {
-    if attempts != 1 {
-        return &[];
-    }
-    match steered.iter().position(|a| a == final_address) {
-        Some(k) => steered.get(..k).unwrap_or_default(),
-        None => steered,
+    let position = steered.iter().position(|a| a == final_address);
+    let before = position.and_then(|k| steered.get(..k)).unwrap_or(steered);
+    match position {
+        _ if retries == 0 => Steered::Absent(before),
+        Some(k) if k == retries => Steered::Failed(before),
+        _ => Steered::Suspect(before),
     }
 }
 
@@ -419,6 +406,27 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     use super::*;
+
+    fn failed_steered<'a>(steered: &'a [String], final_address: &str, attempts: u64) -> &'a [String] {
+        match attribute_steered(steered, final_address, attempts) {
+            Steered::Failed(s) => s,
+            _ => &[],
+        }
+    }
+
+    fn absent_steered<'a>(steered: &'a [String], final_address: &str, attempts: u64) -> &'a [String] {
+        match attribute_steered(steered, final_address, attempts) {
+            Steered::Absent(s) => s,
+            _ => &[],
+        }
+    }
+
+    fn suspect_steered<'a>(steered: &'a [String], final_address: &str, attempts: u64) -> &'a [String] {
+        match attribute_steered(steered, final_address, attempts) {
+            Steered::Suspect(s) => s,
+            _ => &[],
+        }
+    }
 
     const A: &str = "10.0.0.1:8080";
     const B: &str = "10.0.0.2:8080";
