@@ -269,7 +269,10 @@ async fn fallback_serves_while_the_endpoint_set_is_empty() -> anyhow::Result<()>
     assert!(switched, "requests never fell back");
     let before = service.hits();
     for _ in 0..50 {
-        assert_eq!(client.get(lab.url("/")).send().await?.status(), 200);
+        let resp = client.get(lab.url("/")).send().await?;
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        assert_eq!(status, 200, "{body}\n{}", lab.envoy.log_tail(30));
     }
     assert_eq!(service.hits(), before + 50);
     Ok(())
