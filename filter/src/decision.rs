@@ -97,11 +97,14 @@ pub fn decide(
         // One pass, no allocation, for the common case: nothing is wrong, nothing to steer.
         let troubled = table.suspect_until_ms > now_ms || table.has_trouble(now_ms, ttl);
         if !decision.fallback && !facts.has_override_header && troubled && !rng.chance(o.explore_ratio) {
-            let (proven, unproven) = table.healthy_addresses(now_ms, ttl);
+            let c = table.candidates(now_ms, ttl);
             let attempts = decision.retry.as_ref().map_or(1, |p| p.max_retries as usize + 1);
-            // Endpoints proven alive first; those back from an ejection only after them.
-            let mut steer = sample(proven, attempts, rng);
-            steer.extend(sample(unproven, attempts - steer.len(), rng));
+            // Endpoints that answered only a probe go first: a real request shows whether they
+            // are still in EDS (Envoy skips them at no cost if not). Then those proven alive;
+            // those back from an ejection and silent since come last.
+            let mut steer = sample(c.probe_answered, attempts, rng);
+            steer.extend(sample(c.proven, attempts - steer.len(), rng));
+            steer.extend(sample(c.unproven, attempts - steer.len(), rng));
             decision.steer = steer;
         }
     }
@@ -231,6 +234,23 @@ mod tests {
         for seed in 0..50 {
             let d = decide(&steering(), &GET, &t, later, 10, &mut Rng::new(seed));
             assert_eq!(d.steer.last().map(String::as_str), Some("c:1"), "{:?}", d.steer);
+        }
+    }
+
+    #[test]
+    fn endpoints_that_answered_only_a_probe_come_first() {
+        let policy = Policy::from_config(&Config::default());
+        let mut t = table(&["a:1", "b:1", "c:1", "d:1"], &["c:1", "d:1"]);
+        let later = 60_000;
+        t.apply(&Observation::Success("a:1"), later, &policy, 0);
+        t.apply(&Observation::ProbeAnswered("c:1"), later, &policy, 0);
+        for seed in 0..50 {
+            let d = decide(&steering(), &GET, &t, later, 10, &mut Rng::new(seed));
+            let order: Vec<&str> = d.steer.iter().map(String::as_str).collect();
+            // b was never doubted; d's ejection ran out and nothing has answered for it since.
+            let middle = order.get(1..3).map(|m| m.to_vec());
+            assert!(matches!(middle.as_deref(), Some(["a:1", "b:1"] | ["b:1", "a:1"])), "{order:?}");
+            assert_eq!((order.first(), order.last(), order.len()), (Some(&"c:1"), Some(&"d:1"), 4), "{order:?}");
         }
     }
 

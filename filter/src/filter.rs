@@ -352,7 +352,7 @@ impl Plugin {
             .flatten()
             .and_then(|s| s.parse::<u32>().ok());
         let observation = match status {
-            Some(code) if code < 500 => Observation::Success(&address),
+            Some(code) if code < 500 => Observation::ProbeAnswered(&address),
             Some(_) => Observation::Failure(&address, FailureKind::GatewayError),
             // No response at all: the connection failed or the probe timed out.
             None => Observation::Failure(&address, FailureKind::ConnectFailure),

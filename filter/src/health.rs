@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 /// steady state does not write shared data on every request.
 pub const LAST_SEEN_RESOLUTION_MS: u64 = 1_000;
 
-const FORMAT_VERSION: u8 = 3;
+const FORMAT_VERSION: u8 = 4;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointState {
@@ -31,6 +31,10 @@ pub struct EndpointState {
     /// The last thing seen of this endpoint was an answer. An endpoint whose ejection ran out is
     /// not proven: it failed last time, and nothing has answered from it since.
     pub proven: bool,
+    /// An unproven endpoint answered a probe. A probe cannot tell whether the endpoint or Envoy's
+    /// balancer in its place answered (an address gone from EDS is skipped), so only a real
+    /// request proves it; steering lists it first to find out.
+    pub probe_answered: bool,
 }
 
 impl EndpointState {
@@ -45,11 +49,18 @@ impl EndpointState {
             decay_from_ms: now_ms,
             last_seen_ms: now_ms,
             proven: false,
+            probe_answered: false,
         }
     }
 
     pub fn is_ejected(&self, now_ms: u64) -> bool {
         self.ejected_until_ms > now_ms
+    }
+
+    fn clear_failures(&mut self) {
+        self.consecutive_local_origin = 0;
+        self.consecutive_gateway = 0;
+        self.consecutive_5xx = 0;
     }
 
     fn has_failures(&self) -> bool {
@@ -96,6 +107,9 @@ pub enum Observation<'a> {
     /// The endpoint may have failed an attempt, or been skipped: nobody can tell. It counts no
     /// failure, but is no longer proven, so steering puts it last and a probe finds out.
     Suspect(&'a str),
+    /// An unproven endpoint answered a probe: alive if it is still in EDS, which only a real
+    /// request can show.
+    ProbeAnswered(&'a str),
 }
 
 /// Counts of a cluster's known endpoints; see `ClusterTable::tally`.
@@ -104,6 +118,17 @@ pub struct Tally {
     pub known: usize,
     pub ejected: usize,
     pub unhealthy: usize,
+}
+
+/// A cluster's endpoints that are not ejected; see `ClusterTable::candidates`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Candidates<'a> {
+    /// Answered a real request since they last failed or were doubted.
+    pub proven: Vec<&'a str>,
+    /// Answered a probe only: alive if still in EDS.
+    pub probe_answered: Vec<&'a str>,
+    /// Back from an ejection or doubted, and silent since.
+    pub unproven: Vec<&'a str>,
 }
 
 /// What applying observations changed, for metrics and logs.
@@ -158,13 +183,13 @@ impl ClusterTable {
     }
 
     /// Known endpoints in one pass: how many are ejected, how many are ejected or unproven
-    /// (back from an ejection with no answer since), and how many there are.
+    /// (back from an ejection with no answer since, not even to a probe), and how many there are.
     pub fn tally(&self, now_ms: u64, ttl_ms: u64) -> Tally {
         self.live(now_ms, ttl_ms).fold(Tally::default(), |mut t, e| {
             let ejected = e.is_ejected(now_ms);
             t.known += 1;
             t.ejected += usize::from(ejected);
-            t.unhealthy += usize::from(ejected || !e.proven);
+            t.unhealthy += usize::from(ejected || !(e.proven || e.probe_answered));
             t
         })
     }
@@ -186,27 +211,31 @@ impl ClusterTable {
         self.live(now_ms, ttl_ms).any(|e| e.is_ejected(now_ms) || !e.proven)
     }
 
-    /// Endpoints back from an ejection that nothing has proven alive yet: candidates for probes.
+    /// Endpoints back from an ejection or doubt that nothing has answered for since: candidates
+    /// for probes.
     pub fn unproven_addresses(&self, now_ms: u64, ttl_ms: u64) -> Vec<&str> {
-        self.live(now_ms, ttl_ms).filter(|e| !e.is_ejected(now_ms) && !e.proven).map(|e| e.address.as_str()).collect()
+        self.live(now_ms, ttl_ms)
+            .filter(|e| !e.is_ejected(now_ms) && !e.proven && !e.probe_answered)
+            .map(|e| e.address.as_str())
+            .collect()
     }
 
     pub fn ejected_addresses(&self, now_ms: u64) -> impl Iterator<Item = &str> {
         self.endpoints.iter().filter(move |e| e.is_ejected(now_ms)).map(|e| e.address.as_str())
     }
 
-    /// Endpoints not ejected: (proven alive, back from an ejection but unproven).
-    pub fn healthy_addresses(&self, now_ms: u64, ttl_ms: u64) -> (Vec<&str>, Vec<&str>) {
-        let mut proven = vec![];
-        let mut unproven = vec![];
+    /// Endpoints not ejected, by what is known of them.
+    pub fn candidates(&self, now_ms: u64, ttl_ms: u64) -> Candidates<'_> {
+        let mut c = Candidates::default();
         for e in self.live(now_ms, ttl_ms).filter(|e| !e.is_ejected(now_ms)) {
-            if e.proven {
-                proven.push(e.address.as_str());
-            } else {
-                unproven.push(e.address.as_str());
-            }
+            let class = match (e.proven, e.probe_answered) {
+                (true, _) => &mut c.proven,
+                (false, true) => &mut c.probe_answered,
+                (false, false) => &mut c.unproven,
+            };
+            class.push(e.address.as_str());
         }
-        (proven, unproven)
+        c
     }
 
     /// Whether applying `obs` would change the table. Lets the hot path skip the shared-data
@@ -225,7 +254,10 @@ impl ClusterTable {
             },
             Observation::Unattributed => self.suspect_until_ms <= now_ms,
             Observation::Absent(addr) => self.find(addr).is_some(),
-            Observation::Suspect(addr) => self.find(addr).is_some_and(|e| e.proven),
+            Observation::Suspect(addr) => self.find(addr).is_some_and(|e| e.proven || e.probe_answered),
+            Observation::ProbeAnswered(addr) => {
+                self.find(addr).is_some_and(|e| !e.proven && (!e.probe_answered || e.has_failures()))
+            }
             _ => true,
         }
     }
@@ -242,10 +274,9 @@ impl ClusterTable {
                 let base = policy.ejection.base_ejection_ms;
                 let Some(e) = self.entry(addr, now_ms, policy, &mut applied) else { return applied };
                 if e.has_failures() || !e.proven {
-                    e.consecutive_local_origin = 0;
-                    e.consecutive_gateway = 0;
-                    e.consecutive_5xx = 0;
+                    e.clear_failures();
                     e.proven = true;
+                    e.probe_answered = false;
                     applied.changed = true;
                 }
                 if e.level > 0 && !e.is_ejected(now_ms) {
@@ -266,6 +297,7 @@ impl ClusterTable {
                 applied.changed = true;
                 e.last_seen_ms = now_ms;
                 e.proven = false;
+                e.probe_answered = false;
                 // Requests in flight when the endpoint was ejected still report; they do not
                 // extend the ejection.
                 if !e.is_ejected(now_ms) {
@@ -285,9 +317,7 @@ impl ClusterTable {
                         e.ejected_until_ms = now_ms.saturating_add(duration);
                         e.level = e.level.saturating_add(1).min(63);
                         e.decay_from_ms = e.ejected_until_ms;
-                        e.consecutive_local_origin = 0;
-                        e.consecutive_gateway = 0;
-                        e.consecutive_5xx = 0;
+                        e.clear_failures();
                         applied.ejected.push((e.address.clone(), duration));
                     }
                 }
@@ -302,9 +332,21 @@ impl ClusterTable {
             }
             Observation::Suspect(addr) => {
                 if let Ok(i) = self.endpoints.binary_search_by(|e| e.address.as_str().cmp(addr)) {
-                    if let Some(e) = self.endpoints.get_mut(i).filter(|e| e.proven) {
+                    if let Some(e) = self.endpoints.get_mut(i).filter(|e| e.proven || e.probe_answered) {
                         e.proven = false;
+                        e.probe_answered = false;
                         applied.changed = true;
+                    }
+                }
+            }
+            // Neither proves the endpoint nor refreshes `last_seen_ms`: that the address is
+            // still in EDS is not shown by a probe.
+            Observation::ProbeAnswered(addr) => {
+                if let Ok(i) = self.endpoints.binary_search_by(|e| e.address.as_str().cmp(addr)) {
+                    if let Some(e) = self.endpoints.get_mut(i).filter(|e| !e.proven) {
+                        applied.changed |= !e.probe_answered || e.has_failures();
+                        e.clear_failures();
+                        e.probe_answered = true;
                     }
                 }
             }
@@ -530,7 +572,7 @@ mod tests {
         }
         fail(&mut t, B, 100);
         assert_eq!(t.counts(200, 600_000), (1, 3));
-        assert_eq!(t.healthy_addresses(200, 600_000), (vec![A, C], vec![]));
+        assert_eq!(t.candidates(200, 600_000), Candidates { proven: vec![A, C], ..Candidates::default() });
         assert_eq!(t.ejected_addresses(200).collect::<Vec<_>>(), vec![B]);
     }
 
@@ -542,12 +584,42 @@ mod tests {
         fail(&mut t, B, 100);
         assert_eq!(t.tally(200, 600_000).unhealthy, 1);
         // The ejection ran out: B is back in rotation, last, and still counts as unhealthy.
-        assert_eq!(t.healthy_addresses(20_000, 600_000), (vec![A], vec![B]));
+        let c = t.candidates(20_000, 600_000);
+        assert_eq!((c.proven, c.unproven), (vec![A], vec![B]));
         assert_eq!(t.tally(20_000, 600_000).unhealthy, 1);
         assert_eq!(t.unproven_addresses(20_000, 600_000), vec![B]);
         ok(&mut t, B, 20_001);
         assert_eq!(t.tally(20_002, 600_000).unhealthy, 0);
         assert!(t.unproven_addresses(20_002, 600_000).is_empty());
+    }
+
+    #[test]
+    fn a_probe_answer_does_not_prove_the_endpoint_is_still_in_eds() {
+        let p = policy();
+        let mut t = ClusterTable::default();
+        ok(&mut t, A, 0);
+        ok(&mut t, B, 0);
+        fail(&mut t, B, 100);
+        assert!(t.would_change(&Observation::ProbeAnswered(B), 20_000));
+        assert!(t.apply(&Observation::ProbeAnswered(B), 20_000, &p, 0).changed);
+        let e = t.find(B).cloned().unwrap_or_else(|| unreachable!());
+        assert!(!e.proven && e.probe_answered && e.last_seen_ms == 100, "{e:?}");
+        assert!(!t.would_change(&Observation::ProbeAnswered(B), 20_001));
+        assert!(t.unproven_addresses(20_001, 600_000).is_empty(), "not probed again");
+        assert_eq!(t.tally(20_001, 600_000).unhealthy, 0, "alive as far as the fallback is concerned");
+        assert!(t.has_trouble(20_001, 600_000), "steering stays on until a real request decides");
+        assert_eq!(t.candidates(20_001, 600_000).probe_answered, vec![B]);
+        // A probe answered for an address Envoy no longer has keeps nothing alive.
+        assert!(t.find(B).is_some() && t.tally(100 + 600_000, 600_000).known == 0);
+        // A real answer proves it; a doubt undoes the probe.
+        ok(&mut t, B, 20_002);
+        assert!(t.find(B).is_some_and(|e| e.proven && !e.probe_answered));
+        assert!(!t.would_change(&Observation::ProbeAnswered(B), 20_003), "already proven");
+        t.apply(&Observation::Suspect(B), 20_004, &p, 0);
+        t.apply(&Observation::ProbeAnswered(B), 20_005, &p, 0);
+        t.apply(&Observation::Suspect(B), 20_006, &p, 0);
+        assert!(t.find(B).is_some_and(|e| !e.proven && !e.probe_answered));
+        assert!(!t.would_change(&Observation::ProbeAnswered(C), 20_007), "probes add no endpoints");
     }
 
     #[test]

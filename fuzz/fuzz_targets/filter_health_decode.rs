@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
     let ttl = 600_000;
     let tally = t.tally(now, ttl);
     assert!(tally.ejected <= tally.unhealthy && tally.unhealthy <= tally.known && tally.known <= t.endpoints.len());
-    let _ = t.healthy_addresses(now, ttl);
+    let _ = t.candidates(now, ttl);
     let _ = t.unproven_addresses(now, ttl);
     let _ = t.ejected_addresses(now).count();
     let _ = t.has_trouble(now, ttl);

@@ -60,6 +60,7 @@ enum Op {
     Unattributed,
     Absent(u8),
     Suspect(u8),
+    ProbeAnswered(u8),
     /// Time passes.
     Advance(u32),
     /// Another worker's clock, slightly behind.
@@ -120,6 +121,7 @@ fuzz_target!(|input: Input| {
             Op::Unattributed => Observation::Unattributed,
             Op::Absent(a) => Observation::Absent(address(*a)),
             Op::Suspect(a) => Observation::Suspect(address(*a)),
+            Op::ProbeAnswered(a) => Observation::ProbeAnswered(address(*a)),
             Op::Advance(ms) => {
                 now = now.saturating_add(u64::from(*ms));
                 continue;
@@ -191,10 +193,10 @@ fuzz_target!(|input: Input| {
         let tally = t.tally(now, ttl);
         assert!(tally.ejected <= tally.unhealthy && tally.unhealthy <= tally.known && tally.known <= t.endpoints.len());
         assert_eq!(t.counts(now, ttl), (tally.ejected, tally.known));
-        assert_eq!(t.has_trouble(now, ttl), tally.unhealthy > 0);
-        let (proven, unproven) = t.healthy_addresses(now, ttl);
-        assert_eq!(proven.len() + unproven.len() + tally.ejected, tally.known);
-        assert_eq!(t.unproven_addresses(now, ttl), unproven);
+        let c = t.candidates(now, ttl);
+        assert_eq!(t.has_trouble(now, ttl), tally.unhealthy > 0 || !c.probe_answered.is_empty());
+        assert_eq!(c.proven.len() + c.probe_answered.len() + c.unproven.len() + tally.ejected, tally.known);
+        assert_eq!(t.unproven_addresses(now, ttl), c.unproven);
         assert!(t.ejected_addresses(now).count() >= tally.ejected);
 
         let encoded = t.encode();

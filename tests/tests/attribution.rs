@@ -63,9 +63,13 @@ async fn skipped_override_entries_and_retried_503s_eject_nothing_healthy() -> an
     assert!(a.unavailable_answers() > 0, "pod-a never answered 503, so nothing was retried");
     assert!(named_gone > 0, "no steered list named the address EDS dropped; the case was not exercised");
     // A steered request whose first attempt went past the dropped pod's entry proves it absent
-    // from EDS: the filter forgets it instead of keeping it for the endpoint TTL.
-    let forgotten =
-        eventually(LIMIT, || async { lab.envoy.metric("known_endpoints").await.is_ok_and(|n| n == 2) }).await;
+    // from EDS: the filter forgets it instead of keeping it for the endpoint TTL. A probe cannot
+    // show that (Envoy's balancer answers in the address's place), so traffic has to.
+    let forgotten = eventually(LIMIT, || async {
+        let _ = client.get(lab.url("/")).send().await;
+        lab.envoy.metric("known_endpoints").await.is_ok_and(|n| n == 2)
+    })
+    .await;
     assert!(forgotten, "the pod EDS dropped is still counted as known");
     let log = lab.envoy.log();
     for addr in [&a_addr, &b_addr] {
