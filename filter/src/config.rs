@@ -88,11 +88,22 @@ pub struct RetryConfig {
     /// `x-envoy-upstream-rq-per-try-timeout-ms` to add; unset leaves Envoy's route timeout alone.
     pub per_try_timeout_ms: Option<u64>,
     pub budget: RetryBudgetConfig,
+    /// gRPC statuses retried for gRPC requests (`x-envoy-retry-grpc-on`). The default is what
+    /// Envoy Gateway's BackendTrafficPolicy retries by default: `cancelled` and `unavailable`.
+    /// Empty: gRPC calls are retried only when nothing reached the endpoint.
+    pub grpc_retry_on: Vec<String>,
     /// `retriable_status_codes` as the `x-envoy-retriable-status-codes` value, joined once at
     /// configure time rather than on every request.
     #[serde(skip)]
     pub status_codes_header: Option<String>,
+    /// `grpc_retry_on` as the `x-envoy-retry-grpc-on` value.
+    #[serde(skip)]
+    pub grpc_retry_on_header: Option<String>,
 }
+
+/// The gRPC retry conditions Envoy's router knows.
+pub const GRPC_RETRY_CONDITIONS: [&str; 5] =
+    ["cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable"];
 
 impl Default for RetryConfig {
     fn default() -> Self {
@@ -102,7 +113,9 @@ impl Default for RetryConfig {
             retriable_status_codes: vec![502, 503],
             per_try_timeout_ms: None,
             budget: RetryBudgetConfig::default(),
+            grpc_retry_on: vec!["cancelled".into(), "unavailable".into()],
             status_codes_header: Some("502,503".into()),
+            grpc_retry_on_header: Some("cancelled,unavailable".into()),
         }
     }
 }
@@ -205,6 +218,8 @@ impl Config {
         let codes = &config.retry.retriable_status_codes;
         config.retry.status_codes_header =
             (!codes.is_empty()).then(|| codes.iter().map(u16::to_string).collect::<Vec<_>>().join(","));
+        let grpc = &config.retry.grpc_retry_on;
+        config.retry.grpc_retry_on_header = (!grpc.is_empty()).then(|| grpc.join(","));
         Ok(config)
     }
 
@@ -238,6 +253,13 @@ impl Config {
         check(r.max_retries <= 25, "retry.maxRetries", "must be at most 25")?;
         for code in &r.retriable_status_codes {
             check((500..=599).contains(code), "retry.retriableStatusCodes", "codes must be 5xx")?;
+        }
+        for condition in &r.grpc_retry_on {
+            check(
+                GRPC_RETRY_CONDITIONS.contains(&condition.as_str()),
+                "retry.grpcRetryOn",
+                "conditions must be among cancelled, deadline-exceeded, internal, resource-exhausted, unavailable",
+            )?;
         }
         if let Some(t) = r.per_try_timeout_ms {
             check(t >= 1, "retry.perTryTimeoutMs", "must be at least 1")?;
@@ -317,6 +339,19 @@ mod tests {
         let c = Config::parse(br#"{"endpointOverride":{},"trustClientHeaders":true}"#).unwrap_or_default();
         assert_eq!(c.untrusted_headers().count(), 0);
         assert_eq!(Config::default().untrusted_headers().count(), 0, "nothing configured, nothing to remove");
+    }
+
+    #[test]
+    fn grpc_retry_conditions_default_to_envoy_gateways_and_are_checked() {
+        assert_eq!(Config::default().retry.grpc_retry_on_header.as_deref(), Some("cancelled,unavailable"));
+        let parsed = Config::parse(b"{}").unwrap_or_default();
+        assert_eq!(parsed.retry.grpc_retry_on_header.as_deref(), Some("cancelled,unavailable"));
+        let c = Config::parse(br#"{"retry":{"grpcRetryOn":["unavailable","resource-exhausted"]}}"#);
+        assert_eq!(c.ok().and_then(|c| c.retry.grpc_retry_on_header), Some("unavailable,resource-exhausted".into()));
+        let c = Config::parse(br#"{"retry":{"grpcRetryOn":[]}}"#);
+        assert_eq!(c.ok().map(|c| c.retry.grpc_retry_on_header), Some(None));
+        let e = err(r#"{"retry":{"grpcRetryOn":["unavailable","5xx"]}}"#);
+        assert_eq!(e.field, "retry.grpcRetryOn");
     }
 
     #[test]

@@ -19,21 +19,25 @@ pub struct RequestFacts<'a> {
     pub has_retry_headers: bool,
     /// The request already carries the override header (someone else steers it).
     pub has_override_header: bool,
+    /// A gRPC call (`content-type: application/grpc...`): its failures are gRPC statuses.
+    pub grpc: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RetryPlan {
+pub struct RetryPlan<'a> {
     pub retry_on: &'static str,
     pub max_retries: u32,
     /// `x-envoy-retriable-status-codes`, for idempotent requests.
-    pub status_codes: Option<String>,
+    pub status_codes: Option<&'a str>,
+    /// `x-envoy-retry-grpc-on`, for gRPC calls.
+    pub grpc_retry_on: Option<&'a str>,
     pub per_try_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Decision {
+pub struct Decision<'a> {
     pub fallback: bool,
-    pub retry: Option<RetryPlan>,
+    pub retry: Option<RetryPlan<'a>>,
     /// Endpoints for the override header, first attempt first. Empty: do not steer.
     pub steer: Vec<String>,
     /// Retries were wanted but the budget refused them.
@@ -59,14 +63,14 @@ pub fn fallback_active(config: &Config, table: &ClusterTable, now_ms: u64) -> bo
 }
 
 /// Decides for one request. `retries_available` is what the budget allows right now.
-pub fn decide(
-    config: &Config,
+pub fn decide<'c>(
+    config: &'c Config,
     facts: &RequestFacts<'_>,
     table: &ClusterTable,
     now_ms: u64,
     retries_available: u32,
     rng: &mut Rng,
-) -> Decision {
+) -> Decision<'c> {
     let mut decision = Decision { fallback: fallback_active(config, table, now_ms), ..Decision::default() };
 
     let r = &config.retry;
@@ -74,12 +78,23 @@ pub fn decide(
         let max_retries = r.max_retries.min(retries_available);
         if max_retries == 0 {
             decision.budget_exhausted = true;
+        } else if facts.grpc {
+            // gRPC calls are POSTs whose failures arrive as HTTP 200: retried when nothing
+            // reached the endpoint, and on the gRPC statuses configured.
+            decision.retry = Some(RetryPlan {
+                retry_on: RETRY_ON_UNSENT,
+                max_retries,
+                status_codes: None,
+                grpc_retry_on: r.grpc_retry_on_header.as_deref(),
+                per_try_timeout_ms: r.per_try_timeout_ms,
+            });
         } else if is_idempotent(facts.method) {
-            let codes = r.status_codes_header.clone();
+            let codes = r.status_codes_header.as_deref();
             decision.retry = Some(RetryPlan {
                 retry_on: if codes.is_some() { RETRY_ON_IDEMPOTENT } else { RETRY_ON_IDEMPOTENT_NO_CODES },
                 max_retries,
                 status_codes: codes,
+                grpc_retry_on: None,
                 per_try_timeout_ms: r.per_try_timeout_ms,
             });
         } else {
@@ -87,6 +102,7 @@ pub fn decide(
                 retry_on: RETRY_ON_UNSENT,
                 max_retries,
                 status_codes: None,
+                grpc_retry_on: None,
                 per_try_timeout_ms: r.per_try_timeout_ms,
             });
         }
@@ -131,7 +147,7 @@ mod tests {
     use crate::outcome::FailureKind;
 
     const GET: RequestFacts<'static> =
-        RequestFacts { method: "GET", has_retry_headers: false, has_override_header: false };
+        RequestFacts { method: "GET", has_retry_headers: false, has_override_header: false, grpc: false };
 
     fn table(healthy: &[&str], ejected: &[&str]) -> ClusterTable {
         let policy = Policy::from_config(&Config::default());
@@ -145,24 +161,27 @@ mod tests {
         t
     }
 
-    fn steering() -> Config {
-        Config::parse(br#"{"endpointOverride":{"exploreRatio":0}}"#).unwrap_or_default()
+    fn steering() -> &'static Config {
+        static STEERING: std::sync::OnceLock<Config> = std::sync::OnceLock::new();
+        STEERING.get_or_init(|| Config::parse(br#"{"endpointOverride":{"exploreRatio":0}}"#).unwrap_or_default())
     }
 
     #[test]
     fn defaults_retry_gets_on_everything_that_is_safe() {
-        let d = decide(&Config::default(), &GET, &ClusterTable::default(), 0, 100, &mut Rng::new(1));
+        let defaults = Config::default();
+        let d = decide(&defaults, &GET, &ClusterTable::default(), 0, 100, &mut Rng::new(1));
         let plan = d.retry.unwrap_or_else(|| unreachable!());
         assert_eq!(plan.retry_on, RETRY_ON_IDEMPOTENT);
         assert_eq!(plan.max_retries, 10);
-        assert_eq!(plan.status_codes.as_deref(), Some("502,503"));
+        assert_eq!(plan.status_codes, Some("502,503"));
         assert!(d.steer.is_empty() && !d.fallback);
     }
 
     #[test]
     fn post_is_retried_only_when_nothing_was_sent() {
         let post = RequestFacts { method: "POST", ..GET };
-        let d = decide(&Config::default(), &post, &ClusterTable::default(), 0, 100, &mut Rng::new(1));
+        let defaults = Config::default();
+        let d = decide(&defaults, &post, &ClusterTable::default(), 0, 100, &mut Rng::new(1));
         let plan = d.retry.unwrap_or_else(|| unreachable!());
         assert_eq!(plan.retry_on, RETRY_ON_UNSENT);
         assert!(!plan.retry_on.split(',').any(|c| c == "reset" || c == "retriable-status-codes" || c == "5xx"));
@@ -171,18 +190,37 @@ mod tests {
     }
 
     #[test]
+    fn grpc_calls_retry_on_grpc_statuses_not_http_codes() {
+        let call = RequestFacts { method: "POST", grpc: true, ..GET };
+        let config = Config::default();
+        let d = decide(&config, &call, &ClusterTable::default(), 0, 100, &mut Rng::new(1));
+        let plan = d.retry.unwrap_or_else(|| unreachable!());
+        assert_eq!(plan.retry_on, RETRY_ON_UNSENT, "a reset after the call was sent may have run it");
+        assert_eq!(plan.grpc_retry_on, Some("cancelled,unavailable"));
+        assert_eq!(plan.status_codes, None, "gRPC failures are HTTP 200s");
+        let none = Config::parse(br#"{"retry":{"grpcRetryOn":[]}}"#).unwrap_or_default();
+        let d = decide(&none, &call, &ClusterTable::default(), 0, 100, &mut Rng::new(1));
+        assert_eq!(d.retry.map(|p| (p.retry_on, p.grpc_retry_on)), Some((RETRY_ON_UNSENT, None)));
+        let plain = decide(&config, &GET, &ClusterTable::default(), 0, 100, &mut Rng::new(1));
+        assert_eq!(plain.retry.and_then(|p| p.grpc_retry_on), None);
+    }
+
+    #[test]
     fn existing_retry_headers_are_left_alone() {
         let facts = RequestFacts { has_retry_headers: true, ..GET };
-        let d = decide(&Config::default(), &facts, &ClusterTable::default(), 0, 100, &mut Rng::new(1));
+        let defaults = Config::default();
+        let d = decide(&defaults, &facts, &ClusterTable::default(), 0, 100, &mut Rng::new(1));
         assert_eq!(d.retry, None);
         assert!(!d.budget_exhausted);
     }
 
     #[test]
     fn budget_caps_retries() {
-        let d = decide(&Config::default(), &GET, &ClusterTable::default(), 0, 3, &mut Rng::new(1));
+        let defaults = Config::default();
+        let d = decide(&defaults, &GET, &ClusterTable::default(), 0, 3, &mut Rng::new(1));
         assert_eq!(d.retry.map(|p| p.max_retries), Some(3));
-        let d = decide(&Config::default(), &GET, &ClusterTable::default(), 0, 0, &mut Rng::new(1));
+        let defaults = Config::default();
+        let d = decide(&defaults, &GET, &ClusterTable::default(), 0, 0, &mut Rng::new(1));
         assert_eq!(d.retry, None);
         assert!(d.budget_exhausted);
     }
@@ -190,14 +228,14 @@ mod tests {
     #[test]
     fn no_steering_while_nothing_is_wrong() {
         let t = table(&["a:1", "b:1", "c:1"], &[]);
-        assert!(decide(&steering(), &GET, &t, 1, 10, &mut Rng::new(1)).steer.is_empty());
+        assert!(decide(steering(), &GET, &t, 1, 10, &mut Rng::new(1)).steer.is_empty());
     }
 
     #[test]
     fn steering_avoids_ejected_endpoints() {
         let t = table(&["a:1", "b:1", "c:1"], &["b:1"]);
         for seed in 0..200 {
-            let d = decide(&steering(), &GET, &t, 1, 10, &mut Rng::new(seed));
+            let d = decide(steering(), &GET, &t, 1, 10, &mut Rng::new(seed));
             assert_eq!(d.steer.len(), 2);
             assert!(!d.steer.iter().any(|a| a == "b:1"), "{:?}", d.steer);
         }
@@ -209,7 +247,7 @@ mod tests {
         let mut firsts = std::collections::BTreeMap::new();
         let mut rng = Rng::new(7);
         for _ in 0..3_000 {
-            let d = decide(&steering(), &GET, &t, 1, 10, &mut rng);
+            let d = decide(steering(), &GET, &t, 1, 10, &mut rng);
             *firsts.entry(d.steer.first().cloned().unwrap_or_default()).or_insert(0) += 1;
         }
         assert_eq!(firsts.len(), 3);
@@ -219,7 +257,7 @@ mod tests {
     #[test]
     fn list_length_follows_the_attempts() {
         let t = table(&["a:1", "b:1", "c:1", "d:1"], &["d:1"]);
-        let d = decide(&steering(), &GET, &t, 1, 1, &mut Rng::new(3));
+        let d = decide(steering(), &GET, &t, 1, 1, &mut Rng::new(3));
         assert_eq!(d.steer.len(), 2, "one try and one retry");
     }
 
@@ -232,7 +270,7 @@ mod tests {
         t.apply(&Observation::Success("a:1"), later, &policy, 0);
         t.apply(&Observation::Success("b:1"), later, &policy, 0);
         for seed in 0..50 {
-            let d = decide(&steering(), &GET, &t, later, 10, &mut Rng::new(seed));
+            let d = decide(steering(), &GET, &t, later, 10, &mut Rng::new(seed));
             assert_eq!(d.steer.last().map(String::as_str), Some("c:1"), "{:?}", d.steer);
         }
     }
@@ -245,7 +283,7 @@ mod tests {
         t.apply(&Observation::Success("a:1"), later, &policy, 0);
         t.apply(&Observation::ProbeAnswered("c:1"), later, &policy, 0);
         for seed in 0..50 {
-            let d = decide(&steering(), &GET, &t, later, 10, &mut Rng::new(seed));
+            let d = decide(steering(), &GET, &t, later, 10, &mut Rng::new(seed));
             let order: Vec<&str> = d.steer.iter().map(String::as_str).collect();
             // b was never doubted; d's ejection ran out and nothing has answered for it since.
             let middle = order.get(1..3).map(|m| m.to_vec());
@@ -269,7 +307,7 @@ mod tests {
     #[test]
     fn safety_valve_when_everything_is_ejected() {
         let t = table(&[], &["a:1", "b:1"]);
-        assert!(decide(&steering(), &GET, &t, 1, 10, &mut Rng::new(1)).steer.is_empty());
+        assert!(decide(steering(), &GET, &t, 1, 10, &mut Rng::new(1)).steer.is_empty());
     }
 
     #[test]
@@ -285,15 +323,15 @@ mod tests {
     fn someone_elses_override_header_wins() {
         let t = table(&["a:1", "b:1"], &["c:1"]);
         let facts = RequestFacts { has_override_header: true, ..GET };
-        assert!(decide(&steering(), &facts, &t, 1, 10, &mut Rng::new(1)).steer.is_empty());
+        assert!(decide(steering(), &facts, &t, 1, 10, &mut Rng::new(1)).steer.is_empty());
     }
 
     #[test]
     fn suspect_cluster_is_steered() {
         let mut t = table(&["a:1", "b:1"], &[]);
         t.suspect_until_ms = 100;
-        assert_eq!(decide(&steering(), &GET, &t, 50, 10, &mut Rng::new(1)).steer.len(), 2);
-        assert!(decide(&steering(), &GET, &t, 100, 10, &mut Rng::new(1)).steer.is_empty());
+        assert_eq!(decide(steering(), &GET, &t, 50, 10, &mut Rng::new(1)).steer.len(), 2);
+        assert!(decide(steering(), &GET, &t, 100, 10, &mut Rng::new(1)).steer.is_empty());
     }
 
     #[test]

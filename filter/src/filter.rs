@@ -8,7 +8,7 @@ use crate::clusters::ClusterMap;
 use crate::config::Config;
 use crate::decision::{decide, RequestFacts};
 use crate::health::{attribute_steered, Applied, ClusterTable, Observation, Policy, Steered};
-use crate::outcome::{classify, FailureKind, Outcome, ResponseFlags};
+use crate::outcome::{classify, effective_status, FailureKind, Outcome, ResponseFlags};
 use crate::properties;
 use crate::rng::Rng;
 use crate::store::{self, SetError, SharedStore};
@@ -351,8 +351,11 @@ impl Plugin {
             .ok()
             .flatten()
             .and_then(|s| s.parse::<u32>().ok());
+        // A gRPC server answers any path, `/` included, with HTTP 200 and a `grpc-status`:
+        // UNIMPLEMENTED (501) still shows a server that answers; UNAVAILABLE (503) does not.
+        let status = status.map(|code| effective_status(code, grpc_status(MapType::HttpCallResponseHeaders)));
         let observation = match status {
-            Some(code) if code < 500 => Observation::ProbeAnswered(&address),
+            Some(code) if code < 500 || code == 501 => Observation::ProbeAnswered(&address),
             Some(_) => Observation::Failure(&address, FailureKind::GatewayError),
             // No response at all: the connection failed or the probe timed out.
             None => Observation::Failure(&address, FailureKind::ConnectFailure),
@@ -499,7 +502,7 @@ impl RootContext for Root {
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let plugin = self.plugin.clone()?;
-        Some(Box::new(Request { plugin, cluster: None, steered: Vec::new(), fell_back: false }))
+        Some(Box::new(Request { plugin, cluster: None, steered: Vec::new(), fell_back: false, grpc_status: None }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -514,6 +517,14 @@ struct Request {
     steered: Vec<String>,
     /// The fallback header was set: the request left `cluster` for the fallback route.
     fell_back: bool,
+    /// `grpc-status` of a gRPC call's answer: `Some` once seen, in the headers of a
+    /// trailers-only answer or in the trailers. `None` for anything else.
+    grpc_status: Option<Option<u32>>,
+}
+
+/// Reads `grpc-status` from a gRPC call's response headers or trailers.
+fn grpc_status(map: MapType) -> Option<u32> {
+    hostcalls::get_map_value(map, "grpc-status").ok().flatten().and_then(|s| s.parse().ok())
 }
 
 impl Context for Request {}
@@ -532,7 +543,13 @@ impl HttpContext for Request {
         inc(p.metrics.client_headers_removed, removed);
         let Some(cluster) = host::cluster_name() else { return Action::Continue };
         let method = host::request_header(":method").unwrap_or_default();
+        let grpc =
+            method == "POST" && host::request_header("content-type").is_some_and(|t| t.starts_with("application/grpc"));
+        if grpc {
+            self.grpc_status = Some(None);
+        }
         let facts = RequestFacts {
+            grpc,
             method: &method,
             has_retry_headers: RETRY_HEADERS.iter().any(|h| host::request_header(h).is_some()),
             // Someone trusted steers this request already.
@@ -547,8 +564,11 @@ impl HttpContext for Request {
         if let Some(plan) = &decision.retry {
             let mut ok = host::set_header(request, "x-envoy-retry-on", plan.retry_on)
                 && host::set_header(request, "x-envoy-max-retries", &plan.max_retries.to_string());
-            if let Some(codes) = &plan.status_codes {
+            if let Some(codes) = plan.status_codes {
                 ok &= host::set_header(request, "x-envoy-retriable-status-codes", codes);
+            }
+            if let Some(conditions) = plan.grpc_retry_on {
+                ok &= host::set_header(request, "x-envoy-retry-grpc-on", conditions);
             }
             if let Some(ms) = plan.per_try_timeout_ms {
                 ok &= host::set_header(request, "x-envoy-upstream-rq-per-try-timeout-ms", &ms.to_string());
@@ -589,6 +609,10 @@ impl HttpContext for Request {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if let Some(status) = &mut self.grpc_status {
+            // Trailers-only: the call's status is in the headers.
+            *status = grpc_status(MapType::HttpResponseHeaders);
+        }
         let p = &self.plugin;
         if !p.config.debug_header {
             return Action::Continue;
@@ -607,6 +631,13 @@ impl HttpContext for Request {
         Action::Continue
     }
 
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        if let Some(status) = &mut self.grpc_status {
+            *status = grpc_status(MapType::HttpResponseTrailers).or(*status);
+        }
+        Action::Continue
+    }
+
     fn on_log(&mut self) {
         let p = Rc::clone(&self.plugin);
         // The route only changes cluster when the fallback header re-routed it.
@@ -619,14 +650,11 @@ impl HttpContext for Request {
                 None => return,
             },
         };
-        let status = host::property_int(&["response", "code"]).unwrap_or(0);
-        // An answer below 500 means the endpoint is alive whatever the flags say; only failures
-        // need the flags to be told apart.
-        let flags = if (1..500).contains(&status) {
-            ResponseFlags(0)
-        } else {
-            ResponseFlags(host::property_int(&["response", "flags"]).unwrap_or(0))
-        };
+        let http_status = host::property_int(&["response", "code"]).unwrap_or(0);
+        let status = effective_status(u32::try_from(http_status).unwrap_or(0), self.grpc_status.flatten());
+        // Read whatever the status: a stream the endpoint reset after its answer began (a gRPC
+        // stream, a long body) has a 200 and a reset flag.
+        let flags = ResponseFlags(host::property_int(&["response", "flags"]).unwrap_or(0));
         let address = host::property_string(&["upstream", "address"]).filter(|a| properties::is_ip_endpoint(a));
         let attempts = host::property_int(&["upstream", "request_attempt_count"]).unwrap_or(1);
         let retries = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX);
@@ -635,7 +663,7 @@ impl HttpContext for Request {
         p.budget_withdraw(routed.as_deref().unwrap_or(&cluster), now, retries);
         inc(p.metrics.retries_performed, u64::from(retries));
 
-        let outcome = classify(u32::try_from(status).unwrap_or(0), flags, address.is_some());
+        let outcome = classify(status, flags, address.is_some());
         let mut observations = Vec::with_capacity(self.steered.len() + 2);
         let steered_here = !self.steered.is_empty() && !self.fell_back;
         let mut attributed = 0u32;

@@ -255,9 +255,7 @@ impl ClusterTable {
             Observation::Unattributed => self.suspect_until_ms <= now_ms,
             Observation::Absent(addr) => self.find(addr).is_some(),
             Observation::Suspect(addr) => self.find(addr).is_some_and(|e| e.proven || e.probe_answered),
-            Observation::ProbeAnswered(addr) => {
-                self.find(addr).is_some_and(|e| !e.proven && (!e.probe_answered || e.has_failures()))
-            }
+            Observation::ProbeAnswered(addr) => self.find(addr).is_some_and(|e| !e.proven && !e.probe_answered),
             _ => true,
         }
     }
@@ -341,12 +339,13 @@ impl ClusterTable {
             }
             // Neither proves the endpoint nor refreshes `last_seen_ms`: that the address is
             // still in EDS is not shown by a probe.
+            // Failure counts stay: an endpoint that answers probes but fails real requests must
+            // still reach its ejection threshold.
             Observation::ProbeAnswered(addr) => {
                 if let Ok(i) = self.endpoints.binary_search_by(|e| e.address.as_str().cmp(addr)) {
-                    if let Some(e) = self.endpoints.get_mut(i).filter(|e| !e.proven) {
-                        applied.changed |= !e.probe_answered || e.has_failures();
-                        e.clear_failures();
+                    if let Some(e) = self.endpoints.get_mut(i).filter(|e| !e.proven && !e.probe_answered) {
                         e.probe_answered = true;
+                        applied.changed = true;
                     }
                 }
             }
@@ -620,6 +619,21 @@ mod tests {
         t.apply(&Observation::Suspect(B), 20_006, &p, 0);
         assert!(t.find(B).is_some_and(|e| !e.proven && !e.probe_answered));
         assert!(!t.would_change(&Observation::ProbeAnswered(C), 20_007), "probes add no endpoints");
+    }
+
+    #[test]
+    fn probe_answers_do_not_reset_failures_of_real_requests() {
+        let p = policy();
+        let gateway =
+            |t: &mut ClusterTable, now| t.apply(&Observation::Failure(A, FailureKind::GatewayError), now, &p, 0);
+        let mut t = ClusterTable::default();
+        ok(&mut t, A, 0);
+        for now in 1..=2 {
+            gateway(&mut t, now);
+            t.apply(&Observation::ProbeAnswered(A), now, &p, 0);
+        }
+        let applied = gateway(&mut t, 3);
+        assert_eq!(applied.ejected.len(), 1, "up to probes, failing to real requests: third strike");
     }
 
     #[test]

@@ -126,6 +126,34 @@ pub fn classify(status: u32, flags: ResponseFlags, has_upstream: bool) -> Outcom
     }
 }
 
+/// The HTTP status a gRPC status stands for, as Envoy maps it for its own outlier detection and
+/// stats (`Grpc::Utility::grpcToHttpStatus`): UNAVAILABLE is a 503, INTERNAL a 500, and so on.
+pub fn grpc_to_http(grpc_status: u32) -> u32 {
+    match grpc_status {
+        0 => 200,          // OK
+        1 => 499,          // CANCELLED
+        3 | 9 | 11 => 400, // INVALID_ARGUMENT, FAILED_PRECONDITION, OUT_OF_RANGE
+        4 => 504,          // DEADLINE_EXCEEDED
+        5 => 404,          // NOT_FOUND
+        6 | 10 => 409,     // ALREADY_EXISTS, ABORTED
+        7 => 403,          // PERMISSION_DENIED
+        8 => 429,          // RESOURCE_EXHAUSTED
+        12 => 501,         // UNIMPLEMENTED
+        14 => 503,         // UNAVAILABLE
+        16 => 401,         // UNAUTHENTICATED
+        _ => 500,          // UNKNOWN, INTERNAL, DATA_LOSS, and codes gRPC does not define
+    }
+}
+
+/// The status to classify a finished request by: a gRPC call's `grpc-status` when there is one
+/// (its HTTP status is 200 whatever happened), else the HTTP status.
+pub fn effective_status(http_status: u32, grpc_status: Option<u32>) -> u32 {
+    match grpc_status {
+        Some(code) if http_status == 200 => grpc_to_http(code),
+        _ => http_status,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[cfg(target_arch = "wasm32")]
@@ -184,6 +212,32 @@ mod tests {
         assert_eq!(classify(0, f(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION), true), Outcome::Ignore);
         assert_eq!(classify(200, f(0), false), Outcome::Ignore);
         assert_eq!(classify(0, f(0), true), Outcome::Ignore);
+    }
+
+    #[test]
+    fn grpc_statuses_classify_like_the_http_codes_envoy_maps_them_to() {
+        let grpc = |code| classify(effective_status(200, Some(code)), f(0), true);
+        assert_eq!(grpc(0), Outcome::Success);
+        assert_eq!(grpc(14), Outcome::Failure(FailureKind::GatewayError), "UNAVAILABLE");
+        assert_eq!(grpc(4), Outcome::Failure(FailureKind::GatewayError), "DEADLINE_EXCEEDED");
+        assert_eq!(grpc(13), Outcome::Failure(FailureKind::ServerError), "INTERNAL");
+        assert_eq!(grpc(99), Outcome::Failure(FailureKind::ServerError), "undefined codes");
+        for client_side in [1, 3, 5, 7, 8, 16] {
+            assert_eq!(grpc(client_side), Outcome::Success, "{client_side} is the caller's business");
+        }
+        assert_eq!(effective_status(200, None), 200);
+        assert_eq!(effective_status(503, Some(0)), 503, "a non-200 HTTP status is not a gRPC answer");
+    }
+
+    #[test]
+    fn a_reset_after_the_answer_began_is_a_failure() {
+        // A gRPC stream, or an HTTP body, cut by the endpoint after a 200 started.
+        assert_eq!(classify(200, f(ResponseFlags::UPSTREAM_REMOTE_RESET), true), Outcome::Failure(FailureKind::Reset));
+        assert_eq!(
+            classify(200, f(ResponseFlags::UPSTREAM_CONNECTION_TERMINATION), true),
+            Outcome::Failure(FailureKind::Reset)
+        );
+        assert_eq!(classify(200, f(ResponseFlags::DOWNSTREAM_REMOTE_RESET), true), Outcome::Ignore, "the client left");
     }
 
     #[test]

@@ -64,6 +64,9 @@ pub struct GatewaySpec {
     /// Cluster connect timeout (BackendTrafficPolicy `timeout.tcp.connectTimeout`); Envoy
     /// Gateway's default is 10 s.
     pub connect_timeout: Option<std::time::Duration>,
+    /// Talk HTTP/2 to the endpoints, as Envoy Gateway does for GRPCRoute backends (and
+    /// Backends with `appProtocol: kubernetes.io/h2c`).
+    pub upstream_http2: bool,
 }
 
 fn lb_least_request() -> Value {
@@ -105,6 +108,14 @@ fn eds_cluster(dir: &Path, name: &str, lb: Value, spec: &GatewaySpec, primary: b
         "loadBalancingPolicy": {"policies": [lb]},
         "perConnectionBufferLimitBytes": 32768
     });
+    if spec.upstream_http2 {
+        cluster["typedExtensionProtocolOptions"] = json!({
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicitHttpConfig": {"http2ProtocolOptions": {"initialConnectionWindowSize": 1048576, "initialStreamWindowSize": 65536}}
+            }
+        });
+    }
     if primary {
         if let Some(od) = &spec.outlier_detection {
             cluster["outlierDetection"] = od.clone();

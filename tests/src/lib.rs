@@ -5,6 +5,7 @@
 pub mod crds;
 pub mod envoy;
 pub mod gateway;
+pub mod grpc;
 pub mod registry;
 pub mod upstream;
 
