@@ -345,8 +345,16 @@ async fn bench(out: &Path, scenarios: &[ScenarioName]) -> anyhow::Result<()> {
     write_results(out, &command, &sections, &notes)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Costs are measured at the log level a production gateway runs, not with the filter's
+    // per-request debug lines, unless logs are kept for reading. Set before any thread starts.
+    if std::env::var_os("ENVOY_WASM_LOG_LEVEL").is_none() && std::env::var_os("CHURN_LAB_KEEP_LOGS").is_none() {
+        std::env::set_var("ENVOY_WASM_LOG_LEVEL", "info");
+    }
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let work = async {
         match cli.command {

@@ -48,6 +48,15 @@ pub struct Envoy {
     pub log_path: PathBuf,
 }
 
+/// Envoy's log level for Wasm: `debug` unless `ENVOY_WASM_LOG_LEVEL` says otherwise. Tests read
+/// the filter's debug lines; benchmarks measure cost at the level a production gateway runs.
+pub fn wasm_log_level() -> String {
+    std::env::var("ENVOY_WASM_LOG_LEVEL")
+        .ok()
+        .filter(|l| ["trace", "debug", "info", "warning", "error", "critical", "off"].contains(&l.as_str()))
+        .unwrap_or_else(|| "debug".into())
+}
+
 impl Envoy {
     /// Starts Envoy on `bootstrap` and waits until it is ready to serve.
     pub async fn start(bootstrap: &Path, dir: &Path) -> anyhow::Result<Self> {
@@ -60,7 +69,8 @@ impl Envoy {
             .args(["--concurrency", "2", "--disable-hot-restart", "--log-level", "info"])
             // Tests read the log: flush it often rather than every 10 s.
             .args(["--file-flush-interval-msec", "100"])
-            .args(["--component-log-level", "wasm:debug"])
+            .arg("--component-log-level")
+            .arg(format!("wasm:{}", wasm_log_level()))
             .arg("--log-path")
             .arg(&log_path)
             .arg("--admin-address-path")
@@ -119,6 +129,21 @@ impl Envoy {
     /// A churn-guard metric; Envoy prefixes Wasm metrics with `wasmcustom.`.
     pub async fn metric(&self, name: &str) -> anyhow::Result<u64> {
         self.stat(&format!("wasmcustom.churn_guard.{name}")).await
+    }
+
+    /// A churn-guard counter the filter hands to Envoy once per tick (`retries_added`): its value
+    /// once a tick has passed with no change.
+    pub async fn settled_metric(&self, name: &str) -> anyhow::Result<u64> {
+        let mut last = self.metric(name).await?;
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(1_200)).await;
+            let now = self.metric(name).await?;
+            if now == last {
+                return Ok(now);
+            }
+            last = now;
+        }
+        Err(anyhow!("{name} kept changing"))
     }
 
     /// The port of the first active listener.

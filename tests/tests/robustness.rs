@@ -913,13 +913,13 @@ async fn huge_and_many_headers_get_what_envoy_alone_gives() -> anyhow::Result<()
     assert!(answered.contains(&"431"), "no case hit Envoy's header limits: {answered:?}");
 
     // The VMs are the same ones, still in the request path, and counting.
-    let added = with.envoy.metric("retries_added").await?;
+    let added = with.envoy.settled_metric("retries_added").await?;
     for _ in 0..20 {
         let resp = fresh_connection_client().get(with.url("/")).send().await?;
         assert_eq!(resp.status(), 200);
         assert!(DebugHeader::of(&resp).is_some(), "the filter no longer answers");
     }
-    assert_eq!(with.envoy.metric("retries_added").await?, added + 20);
+    assert_eq!(with.envoy.settled_metric("retries_added").await?, added + 20);
     assert_eq!(stat(&with, V8_CREATED).await, created, "a VM was replaced");
     assert!(vm_failures(&with.envoy.log()).is_empty(), "{:?}", vm_failures(&with.envoy.log()));
     Ok(())
