@@ -3,7 +3,7 @@
 
 use crate::delivery::{self, Delivery};
 use crate::gateway_examples::GatewayExamples;
-use crate::pods::{RolloutSpec, Termination};
+use crate::pods::{Protocol, RolloutSpec, Termination};
 use crate::scenario::{self, Load, RunResult, Scenario};
 use crate::variants::Variant;
 use std::time::Duration;
@@ -45,6 +45,7 @@ pub fn scenario(options: &DemoOptions) -> Scenario {
         per_try_timeout: None,
         connect_timeout: None,
         tuned_timeouts: None,
+        protocol: Protocol::Http,
     }
 }
 

@@ -2,12 +2,14 @@
 //! instead of the client slowing down), or closed loop; everything recorded per second of send
 //! time: sent, succeeded, failed by kind, latency.
 
+use harness::grpc;
 use hdrhistogram::Histogram;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
+use tonic_health::pb::health_client::HealthClient;
 
 /// Requests in flight beyond this are not sent but counted as failed: the client is saturated.
 const MAX_IN_FLIGHT: usize = 20_000;
@@ -130,6 +132,63 @@ pub async fn open_loop(url: String, rate: u32, start: Instant, stop: Arc<AtomicB
         });
     }
     // Let requests in flight finish (bounded by the client timeout).
+    let deadline = Instant::now() + REQUEST_TIMEOUT + Duration::from_secs(1);
+    while in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Channels (HTTP/2 connections) the gRPC load spreads calls over, so both Envoy workers serve.
+const GRPC_CHANNELS: usize = 8;
+
+async fn one_call(mut client: HealthClient<tonic::transport::Channel>, recorder: &Recorder, second: usize) {
+    let started = Instant::now();
+    let result = tokio::time::timeout(REQUEST_TIMEOUT, grpc::check(&mut client)).await;
+    let micros = started.elapsed().as_micros() as u64;
+    recorder.with_second(second, |s| {
+        let _ = s.latency_us.record(micros.max(1));
+        match result {
+            Ok(Ok(_)) => s.ok += 1,
+            Ok(Err(status)) => *s.failed.entry(format!("grpc {:?}", status.code())).or_insert(0) += 1,
+            Err(_) => *s.failed.entry("client timeout".into()).or_insert(0) += 1,
+        }
+    });
+}
+
+/// As `open_loop`, with unary gRPC calls to Envoy's listener on `port`.
+pub async fn grpc_open_loop(port: u16, rate: u32, start: Instant, stop: Arc<AtomicBool>, recorder: Arc<Recorder>) {
+    let mut channels = vec![];
+    for _ in 0..GRPC_CHANNELS {
+        match grpc::client(port).await {
+            Ok(c) => channels.push(c),
+            Err(e) => eprintln!("gRPC client cannot connect to port {port}: {e}"),
+        }
+    }
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+    let mut n: u64 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let at = start + interval.mul_f64(n as f64);
+        tokio::time::sleep_until(at).await;
+        let second = at.duration_since(start).as_secs() as usize;
+        recorder.with_second(second, |s| s.sent += 1);
+        let Some(client) = channels.get(n as usize % channels.len().max(1)).cloned() else {
+            recorder.with_second(second, |s| *s.failed.entry("client connect".into()).or_insert(0) += 1);
+            n += 1;
+            continue;
+        };
+        n += 1;
+        if in_flight.load(Ordering::Relaxed) >= MAX_IN_FLIGHT {
+            recorder.with_second(second, |s| *s.failed.entry("client saturated".into()).or_insert(0) += 1);
+            continue;
+        }
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        let (recorder, in_flight) = (Arc::clone(&recorder), Arc::clone(&in_flight));
+        tokio::spawn(async move {
+            one_call(client, &recorder, second).await;
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
     let deadline = Instant::now() + REQUEST_TIMEOUT + Duration::from_secs(1);
     while in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;

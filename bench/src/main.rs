@@ -1,7 +1,7 @@
 //! `churn-lab`: the demo and the benchmarks.
 
 use churn_lab::demo::{self, DemoOptions};
-use churn_lab::pods::{RolloutSpec, Termination};
+use churn_lab::pods::{Protocol, RolloutSpec, Termination};
 use churn_lab::report::{self, Summary};
 use churn_lab::scenario::{self, Load, RunResult, Scenario, Timeouts};
 use churn_lab::variants::Variant;
@@ -34,7 +34,7 @@ enum Command {
     Bench {
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
-        #[arg(long, value_delimiter = ',', value_enum, default_value = "s1,s2,s3,s4,s5")]
+        #[arg(long, value_delimiter = ',', value_enum, default_value = "s1,s2,s3,s4,s5,s6")]
         scenarios: Vec<ScenarioName>,
     },
     /// registry-cache: permission answer latency, blob throughput against docker-registry,
@@ -75,6 +75,7 @@ enum ScenarioName {
     S3,
     S4,
     S5,
+    S6,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -111,6 +112,7 @@ fn s1() -> Scenario {
         per_try_timeout: None,
         connect_timeout: None,
         tuned_timeouts: None,
+        protocol: Protocol::Http,
     }
 }
 
@@ -146,6 +148,7 @@ fn s3(load: Load, name: &str) -> Scenario {
         per_try_timeout: None,
         connect_timeout: None,
         tuned_timeouts: None,
+        protocol: Protocol::Http,
     }
 }
 
@@ -176,6 +179,20 @@ fn s5() -> Scenario {
     }
     s.load = Load::Open { rate: 300 };
     s.tuned_timeouts = Some(Timeouts { connect: Duration::from_secs(1), per_try: Duration::from_secs(1) });
+    s
+}
+
+/// S6: S4's rollout for gRPC: unary calls over h2c, through Envoy Gateway's HTTP/2 upstream
+/// settings. Half the dead pods GOAWAY and refuse, half reset their connections.
+fn s6() -> Scenario {
+    let mut s = s4();
+    s.name = "S6".into();
+    s.replicas = 20;
+    if let Some(r) = s.rollout.as_mut() {
+        r.replicas = 20;
+    }
+    s.load = Load::Open { rate: 300 };
+    s.protocol = Protocol::Grpc;
     s
 }
 
@@ -321,8 +338,20 @@ async fn bench(out: &Path, scenarios: &[ScenarioName]) -> anyhow::Result<()> {
                     run_all(&s5(), &rollout_variants(true)).await?,
                 ));
             }
+            ScenarioName::S6 => {
+                sections.push((
+                    "S6 gRPC: S4's rollout with unary calls over h2c, 20 pods".to_string(),
+                    run_all(&s6(), &rollout_variants(false)).await?,
+                ));
+            }
             ScenarioName::S3 => {
-                let variants = [Variant::Plain, Variant::WasmNoop, Variant::ChurnGuard, Variant::ChurnGuardOverride];
+                let variants = [
+                    Variant::Plain,
+                    Variant::WasmNoop,
+                    Variant::ChurnGuard,
+                    Variant::ChurnGuardOverride,
+                    Variant::ChurnGuardFallback,
+                ];
                 let fixed = s3(Load::Open { rate: 500 }, "S3-fixed-rate");
                 sections.push((
                     "S3a steady state at 500 requests/s (latency)".to_string(),
@@ -380,6 +409,7 @@ async fn run() -> anyhow::Result<()> {
                     ScenarioName::S3 => s3(Load::Open { rate: 500 }, "S3"),
                     ScenarioName::S4 => s4(),
                     ScenarioName::S5 => s5(),
+                    ScenarioName::S6 => s6(),
                 };
                 if let Some(p) = pods {
                     s.replicas = p;

@@ -7,6 +7,7 @@
 //! to Envoy late.
 
 use crate::blackhole::Blackhole;
+use harness::grpc::GrpcUpstream;
 use harness::upstream::Upstream;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
@@ -24,6 +25,59 @@ pub enum Termination {
     Vanish,
     /// Every other pod graceful, the rest abrupt: some refuse and drain, some reset.
     Mixed,
+}
+
+/// What the pods serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    /// HTTP/1.1 GETs.
+    #[default]
+    Http,
+    /// Unary gRPC calls over h2c (the `grpc.health.v1.Health/Check` service).
+    Grpc,
+}
+
+/// One pod's server.
+enum Server {
+    Http(Upstream),
+    Grpc(GrpcUpstream),
+}
+
+impl Server {
+    async fn start(protocol: Protocol, name: &str, addr: SocketAddr) -> anyhow::Result<Self> {
+        Ok(match protocol {
+            Protocol::Http => Server::Http(Upstream::start_on(name, addr).await?),
+            Protocol::Grpc => Server::Grpc(GrpcUpstream::start_on(name, addr).await?),
+        })
+    }
+
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Server::Http(u) => u.addr,
+            Server::Grpc(u) => u.addr,
+        }
+    }
+
+    fn drain(&mut self) {
+        match self {
+            Server::Http(u) => u.drain(),
+            Server::Grpc(u) => u.drain(),
+        }
+    }
+
+    fn kill_now(&mut self) {
+        match self {
+            Server::Http(u) => u.kill_now(),
+            Server::Grpc(u) => u.kill_now(),
+        }
+    }
+
+    fn hits(&self) -> u64 {
+        match self {
+            Server::Http(u) => u.hits(),
+            Server::Grpc(u) => u.calls(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -50,7 +104,7 @@ impl RolloutSpec {
 
 struct Pod {
     id: usize,
-    upstream: Upstream,
+    upstream: Server,
     generation: u32,
     ready_at: Instant,
 }
@@ -61,8 +115,9 @@ pub type Endpoints = Arc<RwLock<Vec<SocketAddr>>>;
 
 pub struct Deployment {
     pods: Vec<Pod>,
-    terminated: Vec<Upstream>,
+    terminated: Vec<Server>,
     next_id: usize,
+    protocol: Protocol,
     pub endpoints: Endpoints,
     blackhole: Option<Blackhole>,
 }
@@ -73,9 +128,10 @@ fn pod_ip(id: usize) -> IpAddr {
 
 impl Deployment {
     /// Starts `replicas` ready pods.
-    pub async fn start(replicas: usize, termination: Termination) -> anyhow::Result<Self> {
+    pub async fn start(replicas: usize, termination: Termination, protocol: Protocol) -> anyhow::Result<Self> {
         let blackhole = if termination == Termination::Vanish { Some(Blackhole::new()?) } else { None };
-        let mut d = Self { pods: vec![], terminated: vec![], next_id: 0, endpoints: Arc::default(), blackhole };
+        let mut d =
+            Self { pods: vec![], terminated: vec![], next_id: 0, protocol, endpoints: Arc::default(), blackhole };
         let now = Instant::now();
         for _ in 0..replicas {
             d.create(0, now).await?;
@@ -87,13 +143,13 @@ impl Deployment {
     async fn create(&mut self, generation: u32, ready_at: Instant) -> anyhow::Result<()> {
         let id = self.next_id;
         self.next_id += 1;
-        let upstream = Upstream::start_on(&format!("pod-{id}"), SocketAddr::new(pod_ip(id), 0)).await?;
+        let upstream = Server::start(self.protocol, &format!("pod-{id}"), SocketAddr::new(pod_ip(id), 0)).await?;
         self.pods.push(Pod { id, upstream, generation, ready_at });
         Ok(())
     }
 
     pub fn ready_addrs(&self, now: Instant) -> Vec<SocketAddr> {
-        self.pods.iter().filter(|p| p.ready_at <= now).map(|p| p.upstream.addr).collect()
+        self.pods.iter().filter(|p| p.ready_at <= now).map(|p| p.upstream.addr()).collect()
     }
 
     fn publish(&self, now: Instant) {
@@ -114,7 +170,7 @@ impl Deployment {
             Termination::Abrupt | Termination::Mixed => pod.upstream.kill_now(),
             Termination::Vanish => {
                 if let Some(b) = &self.blackhole {
-                    b.drop_traffic_to(pod.upstream.addr);
+                    b.drop_traffic_to(pod.upstream.addr());
                 }
             }
         }
@@ -152,6 +208,6 @@ impl Deployment {
 
     /// Requests served by every pod, old and new.
     pub fn total_hits(&self) -> u64 {
-        self.pods.iter().map(|p| p.upstream.hits()).chain(self.terminated.iter().map(Upstream::hits)).sum()
+        self.pods.iter().map(|p| p.upstream.hits()).chain(self.terminated.iter().map(Server::hits)).sum()
     }
 }

@@ -288,37 +288,65 @@ pub fn targets(all: &[Summary]) -> String {
         );
     }
     out.push_str(&rollout_targets(all));
+    // What the filter costs on top of loading any Wasm filter: compared with the no-op module.
+    let s3_guards = ["churn-guard", "churn-guard+override", "churn-guard+fallback"];
     if let (Some(plain), Some(noop)) = (find("S3-saturation", "plain"), find("S3-saturation", "wasm-noop")) {
-        for g in ["churn-guard", "churn-guard+override"] {
+        for g in s3_guards {
             let Some(s) = find("S3-saturation", g) else { continue };
-            let ratio = 100.0 * s.steady_rps / plain.steady_rps.max(1.0);
+            let ratio = 100.0 * s.steady_rps / noop.steady_rps.max(1.0);
             let _ = writeln!(
                 out,
-                "- S3 {g}: throughput at saturation {ratio:.1}% of plain ≥ 97%: {} (a no-op Wasm filter: {:.1}%; Envoy CPU per request: plain {:.1} µs, no-op {:.1} µs, {g} {:.1} µs)",
-                verdict(ratio >= 97.0, format!("by {:.1} points", 97.0 - ratio)),
-                100.0 * noop.steady_rps / plain.steady_rps.max(1.0),
+                "- S3 {g}: throughput at saturation {ratio:.1}% of wasm-noop's ≥ 85%: {} (plain {:.0}/s, wasm-noop {:.0}/s, {g} {:.0}/s; Envoy CPU per request: plain {:.1} µs, wasm-noop {:.1} µs, {g} {:.1} µs, so the filter's own {:+.1} µs)",
+                verdict(ratio >= 85.0, format!("by {:.1} points", 85.0 - ratio)),
+                plain.steady_rps,
+                noop.steady_rps,
+                s.steady_rps,
                 plain.envoy_cpu_us.unwrap_or(0.0),
                 noop.envoy_cpu_us.unwrap_or(0.0),
                 s.envoy_cpu_us.unwrap_or(0.0),
+                s.envoy_cpu_us.unwrap_or(0.0) - noop.envoy_cpu_us.unwrap_or(0.0),
             );
         }
     }
-    if let Some(plain) = find("S3-fixed-rate", "plain") {
-        for g in ["churn-guard", "churn-guard+override"] {
+    if let Some(noop) = find("S3-fixed-rate", "wasm-noop") {
+        for g in s3_guards {
             let Some(s) = find("S3-fixed-rate", g) else { continue };
-            let added = s.p99_ms - plain.p99_ms;
+            let added = s.p99_ms - noop.p99_ms;
             let _ = writeln!(
                 out,
-                "- S3 {g}: p99 at 500 requests/s {:.2} ms against plain's {:.2} ms, added {added:+.2} ms ≤ 0.2 ms: {}; p50 added {:+.2} ms",
+                "- S3 {g}: p99 at 500 requests/s {:.2} ms against wasm-noop's {:.2} ms, added {added:+.2} ms ≤ 0.1 ms: {}; p50 added {:+.2} ms; Envoy CPU per request {:.1} µs (wasm-noop {:.1} µs)",
                 s.p99_ms,
-                plain.p99_ms,
-                verdict(added <= 0.2, format!("by {:.2} ms", added - 0.2)),
-                s.p50_ms - plain.p50_ms
+                noop.p99_ms,
+                verdict(added <= 0.1, format!("by {:.2} ms", added - 0.1)),
+                s.p50_ms - noop.p50_ms,
+                s.envoy_cpu_us.unwrap_or(0.0),
+                noop.envoy_cpu_us.unwrap_or(0.0),
             );
         }
         out.push_str(
             "\n  Any proxy-wasm filter costs Envoy a share of its throughput (the no-op row); churn-guard's own \
-             cost on top is mostly host calls for properties and headers on every request.\n",
+             cost on top is mostly host calls for properties and headers on every request. Envoy runs with Wasm \
+             logs at info, as a production gateway does.\n\n",
+        );
+    }
+    if let Some(tuned) = find("S6", "builtin-tuned") {
+        for g in guards {
+            let Some(s) = find("S6", g) else { continue };
+            let _ = writeln!(
+                out,
+                "- S6 {g} (gRPC): success {:.3}%, failed {} (builtin-tuned {}), ok/s during rollout {:.1}%, p99 {:.2} ms (builtin-tuned {:.2} ms)",
+                s.success_pct,
+                s.failed,
+                tuned.failed,
+                s.rollout_rps_pct.unwrap_or(0.0),
+                s.p99_ms,
+                tuned.p99_ms,
+            );
+        }
+        out.push_str(
+            "\n  S6 failures are calls in flight on a pod that dies: Envoy can retry them only under `reset`, \
+             which builtin-tuned's route policy applies to every method. churn-guard does not replay a call \
+             that may have run unless told the service is idempotent (`retry.grpcIdempotent`).\n",
         );
     }
     out

@@ -3,7 +3,7 @@
 
 use crate::control_plane::ControlPlane;
 use crate::load::{self, Recorder, Second};
-use crate::pods::{Deployment, RolloutSpec, Termination};
+use crate::pods::{Deployment, Protocol, RolloutSpec, Termination};
 use crate::service::{ServiceProxy, KUBE_PROXY_DELAY};
 use crate::variants::Variant;
 use anyhow::Context as _;
@@ -43,6 +43,8 @@ pub struct Scenario {
     /// Timeouts a user would tune, for the configurations that take them
     /// (`Variant::takes_tuned_timeouts`) instead of the two above.
     pub tuned_timeouts: Option<Timeouts>,
+    /// What the pods serve and the load sends.
+    pub protocol: Protocol,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -135,7 +137,7 @@ pub async fn run_with(
     configured: Option<&Configured>,
     progress: Progress<'_>,
 ) -> anyhow::Result<RunResult> {
-    let mut deployment = Deployment::start(scenario.replicas, scenario.termination).await?;
+    let mut deployment = Deployment::start(scenario.replicas, scenario.termination, scenario.protocol).await?;
     let (connect_timeout, per_try_timeout) = scenario.timeouts(variant);
     let filter_config = variant.filter_config(per_try_timeout);
     let mut spec = match configured {
@@ -143,6 +145,7 @@ pub async fn run_with(
         None => variant.spec(per_try_timeout),
     };
     spec.connect_timeout = connect_timeout;
+    spec.upstream_http2 = scenario.protocol == Protocol::Grpc;
     let service = if spec.fallback.is_some() {
         Some(ServiceProxy::start(deployment.endpoints.clone(), KUBE_PROXY_DELAY).await?)
     } else {
@@ -174,8 +177,14 @@ pub async fn run_with(
     let start = Instant::now();
     let url = lab.url("/");
     let load = match scenario.load {
+        Load::Open { rate } if scenario.protocol == Protocol::Grpc => {
+            tokio::spawn(load::grpc_open_loop(lab.port, rate, start, Arc::clone(&stop), Arc::clone(&recorder)))
+        }
         Load::Open { rate } => {
             tokio::spawn(load::open_loop(url, rate, start, Arc::clone(&stop), Arc::clone(&recorder)))
+        }
+        Load::Closed { .. } if scenario.protocol == Protocol::Grpc => {
+            anyhow::bail!("gRPC load is open loop only (give a rate, not a concurrency)")
         }
         Load::Closed { concurrency } => {
             tokio::spawn(load::closed_loop(url, concurrency, start, Arc::clone(&stop), Arc::clone(&recorder)))

@@ -101,8 +101,13 @@ impl Variant {
                 }));
             }
             Variant::BuiltinTuned | Variant::BuiltinTunedTimeouts => {
-                let mut policy =
-                    retry(10, "connect-failure,refused-stream,reset,retriable-status-codes", &[502, 503, 504]);
+                // `unavailable,cancelled` are Envoy Gateway's gRPC triggers; they change nothing for
+                // HTTP answers.
+                let mut policy = retry(
+                    10,
+                    "connect-failure,refused-stream,reset,unavailable,cancelled,retriable-status-codes",
+                    &[502, 503, 504],
+                );
                 if let Some(t) = per_try_timeout {
                     policy["perTryTimeout"] = json!(format!("{:.3}s", t.as_secs_f64()));
                 }

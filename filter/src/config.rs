@@ -92,6 +92,9 @@ pub struct RetryConfig {
     /// Envoy Gateway's BackendTrafficPolicy retries by default: `cancelled` and `unavailable`.
     /// Empty: gRPC calls are retried only when nothing reached the endpoint.
     pub grpc_retry_on: Vec<String>,
+    /// The gRPC services behind this route are idempotent: a call reset after it was sent is
+    /// retried too, as GETs are. Off by default: a reset call may have run.
+    pub grpc_idempotent: bool,
     /// `retriable_status_codes` as the `x-envoy-retriable-status-codes` value, joined once at
     /// configure time rather than on every request.
     #[serde(skip)]
@@ -114,6 +117,7 @@ impl Default for RetryConfig {
             per_try_timeout_ms: None,
             budget: RetryBudgetConfig::default(),
             grpc_retry_on: vec!["cancelled".into(), "unavailable".into()],
+            grpc_idempotent: false,
             status_codes_header: Some("502,503".into()),
             grpc_retry_on_header: Some("cancelled,unavailable".into()),
         }

@@ -82,7 +82,7 @@ pub fn decide<'c>(
             // gRPC calls are POSTs whose failures arrive as HTTP 200: retried when nothing
             // reached the endpoint, and on the gRPC statuses configured.
             decision.retry = Some(RetryPlan {
-                retry_on: RETRY_ON_UNSENT,
+                retry_on: if r.grpc_idempotent { RETRY_ON_IDEMPOTENT_NO_CODES } else { RETRY_ON_UNSENT },
                 max_retries,
                 status_codes: None,
                 grpc_retry_on: r.grpc_retry_on_header.as_deref(),
@@ -203,6 +203,11 @@ mod tests {
         assert_eq!(d.retry.map(|p| (p.retry_on, p.grpc_retry_on)), Some((RETRY_ON_UNSENT, None)));
         let plain = decide(&config, &GET, &ClusterTable::default(), 0, 100, &mut Rng::new(1));
         assert_eq!(plain.retry.and_then(|p| p.grpc_retry_on), None);
+        let idempotent = Config::parse(br#"{"retry":{"grpcIdempotent":true}}"#).unwrap_or_default();
+        let d = decide(&idempotent, &call, &ClusterTable::default(), 0, 100, &mut Rng::new(1));
+        let plan = d.retry.unwrap_or_else(|| unreachable!());
+        assert!(plan.retry_on.split(',').any(|c| c == "reset"), "{}", plan.retry_on);
+        assert_eq!(plan.grpc_retry_on, Some("cancelled,unavailable"));
     }
 
     #[test]

@@ -114,6 +114,11 @@ pub struct GrpcUpstream {
 
 impl GrpcUpstream {
     pub async fn start(name: &str) -> anyhow::Result<Self> {
+        Self::start_on(name, "127.0.0.1:0".parse()?).await
+    }
+
+    /// Starts on a given address (port 0 picks one), e.g. a pod's own loopback IP.
+    pub async fn start_on(name: &str, addr: SocketAddr) -> anyhow::Result<Self> {
         let shared = Arc::new(Shared {
             name: name.to_string(),
             mode: AtomicU8::new(GrpcMode::Serving as u8),
@@ -121,7 +126,7 @@ impl GrpcUpstream {
             unavailable: AtomicU64::new(0),
         });
         let (lifecycle, _) = watch::channel(Lifecycle::Serving);
-        let mut up = Self { addr: "127.0.0.1:0".parse()?, shared, lifecycle, accept: None };
+        let mut up = Self { addr, shared, lifecycle, accept: None };
         up.listen().await?;
         Ok(up)
     }
