@@ -1,0 +1,825 @@
+//! One VM's filter: what happens on each callback, written against the `Host` trait so that
+//! attribution, probing, table caching and gauges run in native unit tests. `filter.rs` only
+//! adapts proxy-wasm's callbacks to these methods.
+
+use crate::budget::RetryBudget;
+use crate::clusters::ClusterMap;
+use crate::config::Config;
+use crate::decision::{decide, RequestFacts};
+use crate::health::{attribute_steered, Applied, ClusterTable, Observation, Policy, Steered};
+use crate::host::{Host, Level, Map, MetricKind};
+use crate::outcome::{classify, effective_status, FailureKind, Outcome, ResponseFlags};
+use crate::properties;
+use crate::rng::Rng;
+use crate::store;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+
+/// Tables read from shared data are reused for this long before being read again. Local writes
+/// refresh the cache at once; other workers' ejections arrive within this delay.
+pub const TABLE_REFRESH_MS: u64 = 100;
+const MAX_CACHED_CLUSTERS: usize = 1024;
+const VM_SEQUENCE_KEY: &str = "churn-guard.v1.vm-sequence";
+const RETRY_HEADERS: [&str; 3] = ["x-envoy-retry-on", "x-envoy-retry-grpc-on", "x-envoy-max-retries"];
+pub const DEBUG_HEADER: &str = "x-churn-guard";
+/// Probes sent per cluster and tick (one second), per worker.
+const PROBES_PER_TICK: usize = 8;
+
+/// A counter bumped in the VM and handed to Envoy on the tick, to spare a host call per request.
+#[derive(Default)]
+struct Batched {
+    id: Option<u32>,
+    pending: Cell<u64>,
+}
+
+impl Batched {
+    fn add(&self, by: u64) {
+        self.pending.set(self.pending.get().saturating_add(by));
+    }
+}
+
+/// Envoy stats, named `wasmcustom.churn_guard.*` in `/stats`. Counters from all workers add up.
+#[derive(Default)]
+struct Metrics {
+    ejections: Option<u32>,
+    /// Incremented on nearly every request: counted here, handed to Envoy once per tick.
+    retries_added: Batched,
+    retries_denied: Option<u32>,
+    retries_performed: Option<u32>,
+    steered: Option<u32>,
+    fallbacks: Option<u32>,
+    client_headers_removed: Option<u32>,
+    no_upstream: Option<u32>,
+    failures: [Option<u32>; FailureKind::ALL.len()],
+    ejected_endpoints: Option<u32>,
+    known_endpoints: Option<u32>,
+}
+
+impl Metrics {
+    fn define(host: &impl Host) -> Self {
+        let define = |kind, name: &str| {
+            let id = host.define_metric(kind, name);
+            if id.is_none() {
+                host.log(Level::Warn, &format!("churn-guard: could not define metric {name}"));
+            }
+            id
+        };
+        let counter = |name: &str| define(MetricKind::Counter, name);
+        Self {
+            ejections: counter("churn_guard.ejections"),
+            retries_added: Batched { id: counter("churn_guard.retries_added"), pending: Cell::new(0) },
+            retries_denied: counter("churn_guard.retries_denied_budget"),
+            retries_performed: counter("churn_guard.retries_performed"),
+            steered: counter("churn_guard.steered"),
+            fallbacks: counter("churn_guard.fallbacks"),
+            client_headers_removed: counter("churn_guard.client_headers_removed"),
+            no_upstream: counter("churn_guard.no_healthy_upstream"),
+            failures: FailureKind::ALL.map(|k| counter(&format!("churn_guard.failures.{}", k.name()))),
+            ejected_endpoints: define(MetricKind::Gauge, "churn_guard.ejected_endpoints"),
+            known_endpoints: define(MetricKind::Gauge, "churn_guard.known_endpoints"),
+        }
+    }
+
+    fn failure(&self, kind: FailureKind) -> Option<u32> {
+        let idx = FailureKind::ALL.iter().position(|k| *k == kind)?;
+        self.failures.get(idx).copied().flatten()
+    }
+}
+
+struct CachedTable {
+    table: ClusterTable,
+    fetched_ms: u64,
+}
+
+/// What one request carries from callback to callback.
+#[derive(Debug, Default)]
+pub struct RequestState {
+    /// Cluster the request was first routed to, and the endpoints it was steered to there.
+    cluster: Option<String>,
+    steered: Vec<String>,
+    /// The fallback header was set: the request left `cluster` for the fallback route.
+    fell_back: bool,
+    /// `grpc-status` of a gRPC call's answer: `Some` for gRPC calls, holding the status once
+    /// seen (in the headers of a trailers-only answer, or in the trailers).
+    grpc_status: Option<Option<u32>>,
+}
+
+/// A small number unique to this VM among the workers, for the debug header.
+pub fn allocate_vm_id(store: &impl store::SharedStore) -> u32 {
+    (0..store::MAX_CAS_ATTEMPTS)
+        .find_map(|_| {
+            let (bytes, cas) = store.get(VM_SEQUENCE_KEY);
+            let current = bytes.and_then(|b| properties::int(&b)).unwrap_or(0);
+            let next = current.wrapping_add(1);
+            store.set(VM_SEQUENCE_KEY, &next.to_le_bytes(), cas).ok().map(|()| next)
+        })
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(0)
+}
+
+/// Per-VM state shared by the root context and its HTTP contexts; replaced on reconfiguration.
+pub struct Plugin<H: Host> {
+    host: H,
+    config: Config,
+    /// Debug logging on? Asked of the host once per tick, not per request.
+    debug: Cell<bool>,
+    policy: Policy,
+    metrics: Metrics,
+    vm_id: u32,
+    /// One budget per cluster: a failing cluster must not spend a healthy one's retries.
+    budgets: RefCell<ClusterMap<RetryBudget>>,
+    rng: RefCell<Rng>,
+    tables: RefCell<ClusterMap<CachedTable>>,
+    /// Probes in flight: call token → (cluster, endpoint).
+    probes: RefCell<HashMap<u32, (String, String)>>,
+    /// Clusters this VM has seen listed in the shared registry (`store::CLUSTERS_KEY`).
+    registered: RefCell<HashSet<String>>,
+    /// The registry was full once; said once per VM, not per request.
+    registry_full_logged: Cell<bool>,
+}
+
+impl<H: Host> Plugin<H> {
+    pub fn new(host: H, config: Config, vm_id: u32) -> Self {
+        let seed = host.now_ms() ^ (u64::from(vm_id) << 48);
+        Self {
+            debug: Cell::new(host.debug_enabled()),
+            policy: Policy::from_config(&config),
+            budgets: RefCell::new(ClusterMap::new(MAX_CACHED_CLUSTERS)),
+            metrics: Metrics::define(&host),
+            config,
+            vm_id,
+            rng: RefCell::new(Rng::new(seed)),
+            tables: RefCell::new(ClusterMap::new(MAX_CACHED_CLUSTERS)),
+            probes: RefCell::new(HashMap::new()),
+            registered: RefCell::new(HashSet::new()),
+            registry_full_logged: Cell::new(false),
+            host,
+        }
+    }
+
+    pub fn host(&self) -> &H {
+        &self.host
+    }
+
+    fn log(&self, level: Level, message: &str) {
+        self.host.log(level, message);
+    }
+
+    fn inc(&self, metric: Option<u32>, by: u64) {
+        if let (Some(id), true) = (metric, by > 0) {
+            self.host.increment_metric(id, by);
+        }
+    }
+
+    fn set_header(&self, map: Map, name: &str, value: Option<&str>) -> bool {
+        let ok = self.host.set_header(map, name, value);
+        if !ok {
+            self.log(Level::Warn, &format!("churn-guard: could not set header {name}"));
+        }
+        ok
+    }
+
+    fn property_string(&self, path: &[&str]) -> Option<String> {
+        self.host.property(path).and_then(properties::string)
+    }
+
+    fn property_int(&self, path: &[&str]) -> Option<u64> {
+        self.host.property(path).and_then(|b| properties::int(&b))
+    }
+
+    /// The cluster the request is routed to: known once the route is resolved.
+    fn cluster_name(&self) -> Option<String> {
+        self.property_string(&["xds", "cluster_name"]).or_else(|| self.property_string(&["cluster_name"]))
+    }
+
+    /// Counts an original request to `cluster` and returns the retries its budget allows now.
+    fn budget_deposit(&self, cluster: &str, now_ms: u64) -> u32 {
+        let mut budgets = self.budgets.borrow_mut();
+        match budgets.get_or_insert_with(cluster, now_ms, || RetryBudget::new(&self.config.retry.budget)) {
+            Some(b) => {
+                b.deposit(now_ms);
+                b.available(now_ms)
+            }
+            None => 0,
+        }
+    }
+
+    fn budget_withdraw(&self, cluster: &str, now_ms: u64, retries: u32) {
+        if let Some(b) = self.budgets.borrow_mut().get_mut(cluster, now_ms) {
+            b.withdraw(now_ms, retries);
+        }
+    }
+
+    fn with_table<R>(&self, cluster: &str, now_ms: u64, f: impl FnOnce(&ClusterTable) -> R) -> R {
+        let mut tables = self.tables.borrow_mut();
+        let fresh =
+            tables.get_mut(cluster, now_ms).is_some_and(|c| now_ms.saturating_sub(c.fetched_ms) < TABLE_REFRESH_MS);
+        if !fresh {
+            let table = store::load(&self.host, cluster);
+            drop(tables);
+            self.remember(cluster, table, now_ms);
+            tables = self.tables.borrow_mut();
+        }
+        match tables.get(cluster) {
+            Some(c) => f(&c.table),
+            None => f(&ClusterTable::default()),
+        }
+    }
+
+    fn remember(&self, cluster: &str, table: ClusterTable, now_ms: u64) {
+        let mut tables = self.tables.borrow_mut();
+        let empty = || CachedTable { table: ClusterTable::default(), fetched_ms: now_ms };
+        if let Some(cached) = tables.get_or_insert_with(cluster, now_ms, empty) {
+            *cached = CachedTable { table, fetched_ms: now_ms };
+        }
+    }
+
+    /// Records observations of one finished request in the shared table.
+    fn observe(&self, cluster: &str, observations: &[Observation<'_>], now_ms: u64) {
+        let suspect_ms = self.config.endpoint_override.as_ref().map_or(0, |o| o.suspect_ms);
+        let needed = self.with_table(cluster, now_ms, |t| observations.iter().any(|o| t.would_change(o, now_ms)));
+        if !needed {
+            return;
+        }
+        let result = store::update(&self.host, cluster, now_ms, |table| {
+            let mut all = Applied::default();
+            for obs in observations {
+                let applied = table.apply(obs, now_ms, &self.policy, suspect_ms);
+                all.changed |= applied.changed;
+                all.ejected.extend(applied.ejected);
+            }
+            all
+        });
+        match result {
+            Ok((table, applied)) => {
+                self.inc(self.metrics.ejections, applied.ejected.len() as u64);
+                if self.debug.get() {
+                    for (address, ms) in &applied.ejected {
+                        self.log(
+                            Level::Debug,
+                            &format!("churn-guard: ejected {address} of cluster {cluster} for {ms} ms"),
+                        );
+                    }
+                }
+                self.remember(cluster, table, now_ms);
+                self.register(cluster, now_ms);
+            }
+            Err(e) => self.store_error(cluster, e),
+        }
+    }
+
+    fn store_error(&self, cluster: &str, e: store::UpdateError) {
+        if e == store::UpdateError::Full {
+            if !self.registry_full_logged.replace(true) {
+                self.log(
+                    Level::Warn,
+                    &format!(
+                        "churn-guard: {} clusters already have shared state; cluster {cluster} and others get none \
+                         until some expire",
+                        store::MAX_CLUSTERS
+                    ),
+                );
+            }
+            return;
+        }
+        self.log(Level::Warn, &format!("churn-guard: could not record observation for cluster {cluster}: {e:?}"));
+    }
+
+    /// Probes endpoints back from an ejection, each pinned to its endpoint with the override
+    /// header, so they return to rotation (and end a fallback) only once they answer.
+    fn probe(&self, now_ms: u64) {
+        let Some(o) = &self.config.endpoint_override else { return };
+        let ttl = self.config.ejection.endpoint_ttl_ms;
+        let clusters: Vec<String> = self.tables.borrow().clusters().map(str::to_string).collect();
+        for cluster in clusters {
+            let targets: Vec<String> = self.with_table(&cluster, now_ms, |t| {
+                t.unproven_addresses(now_ms, ttl).into_iter().take(PROBES_PER_TICK).map(str::to_string).collect()
+            });
+            for target in targets {
+                if self.probes.borrow().values().any(|(c, a)| *c == cluster && *a == target) {
+                    continue;
+                }
+                let headers = [
+                    (":method", "GET"),
+                    (":path", o.probe_path.as_str()),
+                    (":authority", "churn-guard-probe"),
+                    (o.header.as_str(), target.as_str()),
+                ];
+                match self.host.dispatch(&cluster, &headers, o.probe_timeout_ms) {
+                    Ok(token) => {
+                        self.probes.borrow_mut().insert(token, (cluster.clone(), target));
+                    }
+                    Err(e) => {
+                        self.log(Level::Warn, &format!("churn-guard: cannot probe {target} of cluster {cluster}: {e}"))
+                    }
+                }
+            }
+        }
+    }
+
+    /// The answer to probe `token`: its headers are the host's `ProbeResponseHeaders`.
+    pub fn on_probe_response(&self, token: u32) {
+        let Some((cluster, address)) = self.probes.borrow_mut().remove(&token) else { return };
+        let status = self.host.header(Map::ProbeResponseHeaders, ":status").and_then(|s| s.parse::<u32>().ok());
+        // A gRPC server answers any path, `/` included, with HTTP 200 and a `grpc-status`:
+        // UNIMPLEMENTED (501) still shows a server that answers; UNAVAILABLE (503) does not.
+        let status = status.map(|code| effective_status(code, self.grpc_status(Map::ProbeResponseHeaders)));
+        let observation = match status {
+            Some(code) if code < 500 || code == 501 => Observation::ProbeAnswered(&address),
+            Some(_) => Observation::Failure(&address, FailureKind::GatewayError),
+            // No response at all: the connection failed or the probe timed out.
+            None => Observation::Failure(&address, FailureKind::ConnectFailure),
+        };
+        if self.debug.get() {
+            self.log(Level::Debug, &format!("churn-guard: probe of {address} ({cluster}): {status:?}"));
+        }
+        self.observe(&cluster, &[observation], self.host.now_ms());
+    }
+
+    fn grpc_status(&self, map: Map) -> Option<u32> {
+        self.host.header(map, "grpc-status").and_then(|s| s.parse().ok())
+    }
+
+    /// Keeps `cluster` listed in shared data, so that every VM's gauges include it: creating its
+    /// table lists it, but it may have expired since while this VM still routes to it.
+    fn register(&self, cluster: &str, now_ms: u64) {
+        let mut registered = self.registered.borrow_mut();
+        if registered.contains(cluster) || registered.len() >= store::MAX_CLUSTERS {
+            return;
+        }
+        match store::register(&self.host, cluster, now_ms) {
+            Ok(()) => {
+                registered.insert(cluster.to_string());
+            }
+            Err(e) => {
+                drop(registered);
+                self.store_error(cluster, e);
+            }
+        }
+    }
+
+    /// Once per tick (a second): metrics handed over, gauges, expiry, probes.
+    pub fn on_tick(&self) {
+        self.debug.set(self.host.debug_enabled());
+        let now = self.host.now_ms();
+        self.housekeeping(now);
+        self.probe(now);
+    }
+
+    /// Gauges over every cluster with a table in shared data, not just those this VM has served
+    /// (all VMs, including the main thread's, which serves none, then report the same figures);
+    /// shared state of clusters nobody routed to for the TTL is removed, and so is this VM's own.
+    fn housekeeping(&self, now_ms: u64) {
+        let added = &self.metrics.retries_added;
+        self.inc(added.id, added.pending.replace(0));
+        let ttl = self.config.ejection.endpoint_ttl_ms;
+        let (mut ejected, mut known) = (0, 0);
+        let listed = store::clusters(&self.host);
+        for cluster in &listed {
+            let cached = self.tables.borrow().contains(cluster);
+            let (e, k, expired) = if cached {
+                self.with_table(cluster, now_ms, |t| {
+                    let (e, k) = t.counts(now_ms, ttl);
+                    (e, k, t.is_expired(now_ms, ttl))
+                })
+            } else {
+                let t = store::load(&self.host, cluster);
+                let (e, k) = t.counts(now_ms, ttl);
+                (e, k, t.is_expired(now_ms, ttl))
+            };
+            ejected += e;
+            known += k;
+            if expired {
+                match store::retire(&self.host, cluster, now_ms, ttl) {
+                    Ok(true) => {
+                        self.tables.borrow_mut().remove(cluster);
+                        if self.debug.get() {
+                            self.log(Level::Debug, &format!("churn-guard: cluster {cluster} expired"));
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => self.log(Level::Warn, &format!("churn-guard: could not expire {cluster}: {e:?}")),
+                }
+            }
+        }
+        for (gauge, value) in [(self.metrics.ejected_endpoints, ejected), (self.metrics.known_endpoints, known)] {
+            if let Some(id) = gauge {
+                self.host.record_metric(id, value as u64);
+            }
+        }
+        // Listed again by the next observation if another VM removed it from the registry.
+        self.registered.borrow_mut().retain(|c| listed.contains(c));
+        self.tables.borrow_mut().expire(now_ms, ttl);
+        self.budgets.borrow_mut().expire(now_ms, ttl);
+    }
+
+    pub fn on_request_headers(&self, req: &mut RequestState) {
+        let now = self.host.now_ms();
+        // One host call for every header the decision looks at, rather than one per header.
+        let headers = self.host.headers(Map::RequestHeaders);
+        let header = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+        // Before the route is looked at: a client's fallback header would have chosen it.
+        let mut removed = 0;
+        for name in self.config.untrusted_headers() {
+            if header(name).is_some() && self.set_header(Map::RequestHeaders, name, None) {
+                removed += 1;
+            }
+        }
+        self.inc(self.metrics.client_headers_removed, removed);
+        let Some(cluster) = self.cluster_name() else { return };
+        let method = header(":method").unwrap_or_default();
+        let grpc = method == "POST" && header("content-type").is_some_and(|t| t.starts_with("application/grpc"));
+        if grpc {
+            req.grpc_status = Some(None);
+        }
+        let facts = RequestFacts {
+            grpc,
+            method,
+            has_retry_headers: RETRY_HEADERS.iter().any(|h| header(h).is_some()),
+            // Someone trusted steers this request already.
+            has_override_header: self.config.trust_client_headers
+                && self.config.endpoint_override.as_ref().is_some_and(|o| header(&o.header).is_some()),
+        };
+        let available = self.budget_deposit(&cluster, now);
+        let decision = self
+            .with_table(&cluster, now, |t| decide(&self.config, &facts, t, now, available, &mut self.rng.borrow_mut()));
+
+        let request = Map::RequestHeaders;
+        if let Some(plan) = &decision.retry {
+            let mut ok = self.set_header(request, "x-envoy-retry-on", Some(plan.retry_on))
+                && self.set_header(request, "x-envoy-max-retries", Some(&plan.max_retries.to_string()));
+            if let Some(codes) = plan.status_codes {
+                ok &= self.set_header(request, "x-envoy-retriable-status-codes", Some(codes));
+            }
+            if let Some(conditions) = plan.grpc_retry_on {
+                ok &= self.set_header(request, "x-envoy-retry-grpc-on", Some(conditions));
+            }
+            if let Some(ms) = plan.per_try_timeout_ms {
+                ok &= self.set_header(request, "x-envoy-upstream-rq-per-try-timeout-ms", Some(&ms.to_string()));
+            }
+            if ok {
+                self.metrics.retries_added.add(1);
+            }
+        }
+        if decision.budget_exhausted {
+            self.inc(self.metrics.retries_denied, 1);
+        }
+        if let (false, Some(o)) = (decision.steer.is_empty(), &self.config.endpoint_override) {
+            if self.set_header(request, &o.header, Some(&decision.steer.join(","))) {
+                self.inc(self.metrics.steered, 1);
+                req.steered = decision.steer;
+            }
+        }
+        // Last, because Envoy re-resolves the route when a request header changes.
+        if let (true, Some(f)) = (decision.fallback, &self.config.fallback) {
+            if self.set_header(request, &f.header, Some(&f.value)) {
+                self.inc(self.metrics.fallbacks, 1);
+                req.fell_back = true;
+            }
+        }
+        if self.debug.get() {
+            self.log(
+                Level::Debug,
+                &format!(
+                    "churn-guard: {method} cluster={cluster} retries={} steer=[{}] fallback={}",
+                    decision.retry.as_ref().map_or(0, |r| r.max_retries),
+                    req.steered.join(","),
+                    decision.fallback
+                ),
+            );
+        }
+        req.cluster = Some(cluster);
+    }
+
+    pub fn on_response_headers(&self, req: &mut RequestState) {
+        if let Some(status) = &mut req.grpc_status {
+            // Trailers-only: the call's status is in the headers.
+            *status = self.grpc_status(Map::ResponseHeaders);
+        }
+        if !self.config.debug_header {
+            return;
+        }
+        // Report on the cluster the route chose first: after a fallback, that is the stale one.
+        let Some(routed) = req.cluster.clone().or_else(|| self.cluster_name()) else { return };
+        let now = self.host.now_ms();
+        let ejected = self.with_table(&routed, now, |t| t.ejected_addresses(now).collect::<Vec<_>>().join(","));
+        let value = format!(
+            "vm={}; cluster={routed}; ejected={ejected}; steered={}; fallback={}",
+            self.vm_id,
+            req.steered.join(","),
+            req.fell_back,
+        );
+        self.set_header(Map::ResponseHeaders, DEBUG_HEADER, Some(&value));
+    }
+
+    pub fn on_response_trailers(&self, req: &mut RequestState) {
+        if let Some(status) = &mut req.grpc_status {
+            *status = self.grpc_status(Map::ResponseTrailers).or(*status);
+        }
+    }
+
+    pub fn on_log(&self, req: &mut RequestState) {
+        // The route only changes cluster when the fallback header re-routed it.
+        // on_log is the request's last callback: take the name rather than copy it.
+        let routed = req.cluster.take();
+        let cluster = match (&routed, req.fell_back) {
+            (Some(c), false) => c.clone(),
+            _ => match self.cluster_name() {
+                Some(c) => c,
+                None => return,
+            },
+        };
+        let http_status = self.property_int(&["response", "code"]).unwrap_or(0);
+        let status = effective_status(u32::try_from(http_status).unwrap_or(0), req.grpc_status.flatten());
+        // Read whatever the status: a stream the endpoint reset after its answer began (a gRPC
+        // stream, a long body) has a 200 and a reset flag.
+        let flags = ResponseFlags(self.property_int(&["response", "flags"]).unwrap_or(0));
+        let address = self.property_string(&["upstream", "address"]).filter(|a| properties::is_ip_endpoint(a));
+        let attempts = self.property_int(&["upstream", "request_attempt_count"]).unwrap_or(1);
+        let retries = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX);
+        let now = self.host.now_ms();
+        // Charged where the request was routed first: that cluster's budget granted the retries.
+        self.budget_withdraw(routed.as_deref().unwrap_or(&cluster), now, retries);
+        self.inc(self.metrics.retries_performed, u64::from(retries));
+
+        let outcome = classify(status, flags, address.is_some());
+        let mut observations = Vec::with_capacity(req.steered.len() + 2);
+        let steered_here = !req.steered.is_empty() && !req.fell_back;
+        let mut attributed = 0u32;
+        if let (true, Some(addr)) = (steered_here, &address) {
+            match attribute_steered(&req.steered, addr, attempts) {
+                Steered::Failed(failed) => {
+                    self.inc(self.metrics.failure(FailureKind::RetriedAttempt), failed.len() as u64);
+                    observations.extend(failed.iter().map(|a| Observation::Failure(a, FailureKind::RetriedAttempt)));
+                    attributed = u32::try_from(failed.len()).unwrap_or(u32::MAX);
+                }
+                Steered::Absent(absent) => observations.extend(absent.iter().map(|a| Observation::Absent(a))),
+                Steered::Suspect(suspect) => observations.extend(suspect.iter().map(|a| Observation::Suspect(a))),
+            }
+        }
+        match (outcome, &address) {
+            (Outcome::Success, Some(addr)) => observations.push(Observation::Success(addr)),
+            (Outcome::Failure(kind), Some(addr)) => {
+                self.inc(self.metrics.failure(kind), 1);
+                observations.push(Observation::Failure(addr, kind));
+            }
+            (Outcome::NoUpstream, _) => {
+                self.inc(self.metrics.no_upstream, 1);
+                observations.push(Observation::NoUpstream);
+            }
+            _ => {}
+        }
+        // Retries whose endpoints are not known: steer until they are.
+        if retries > attributed && self.config.endpoint_override.is_some() {
+            observations.push(Observation::Unattributed);
+        }
+        if !observations.is_empty() {
+            self.observe(&cluster, &observations, now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    use super::*;
+    use crate::host::fake::FakeHost;
+    use crate::outcome::ResponseFlags;
+
+    const CLUSTER: &str = "httproute/default/backend/rule/0";
+    const A: &str = "10.0.0.1:8080";
+    const B: &str = "10.0.0.2:8080";
+    const C: &str = "10.0.0.3:8080";
+    const STEERING: &str = r#"{"endpointOverride":{"exploreRatio":0}}"#;
+
+    fn plugin(config: &str) -> Plugin<FakeHost> {
+        let host = FakeHost::default();
+        host.clock_ms.set(1_000_000);
+        host.debug.set(true);
+        let _ = store::ensure_registry(&host);
+        let config = Config::parse(config.as_bytes()).unwrap_or_else(|e| unreachable!("{e}"));
+        Plugin::new(host, config, 1)
+    }
+
+    fn start(p: &Plugin<FakeHost>, headers: &[(&str, &str)]) -> RequestState {
+        let host = p.host();
+        host.clear_properties();
+        host.set_property("xds.cluster_name", CLUSTER.as_bytes());
+        host.set_map(Map::RequestHeaders, headers);
+        host.set_map(Map::ResponseHeaders, &[]);
+        host.set_map(Map::ResponseTrailers, &[]);
+        let mut req = RequestState::default();
+        p.on_request_headers(&mut req);
+        req
+    }
+
+    fn get(p: &Plugin<FakeHost>) -> RequestState {
+        start(p, &[(":method", "GET"), (":path", "/")])
+    }
+
+    /// Envoy's account of the finished request: status, flags, last endpoint, attempts.
+    fn finish(p: &Plugin<FakeHost>, req: &mut RequestState, status: u64, flags: u64, address: &str, attempts: u64) {
+        let host = p.host();
+        host.set_int("response.code", status);
+        host.set_int("response.flags", flags);
+        host.set_property("upstream.address", address.as_bytes());
+        host.set_int("upstream.request_attempt_count", attempts);
+        p.on_log(req);
+    }
+
+    fn served(p: &Plugin<FakeHost>, address: &str) {
+        let mut req = get(p);
+        p.on_response_headers(&mut req);
+        finish(p, &mut req, 200, 0, address, 1);
+    }
+
+    fn table(p: &Plugin<FakeHost>) -> ClusterTable {
+        store::load(&p.host().store, CLUSTER)
+    }
+
+    #[test]
+    fn a_healthy_request_costs_a_few_host_calls_and_no_shared_data() {
+        let p = plugin("{}");
+        p.host().debug.set(false);
+        p.on_tick();
+        served(&p, A);
+        p.host().advance(10);
+        p.host().reset_calls();
+        served(&p, A);
+        let calls = p.host().calls.borrow().clone();
+        // Clock twice; one read of the request headers; the route's cluster; three retry
+        // headers written; four attributes of the finished request.
+        let expected: HashMap<&str, u32> =
+            [("get_current_time", 2), ("get_map", 1), ("get_property", 5), ("set_map_value", 3)].into();
+        assert_eq!(calls, expected);
+    }
+
+    #[test]
+    fn the_shared_table_is_read_once_per_refresh_period() {
+        let p = plugin("{}");
+        served(&p, A);
+        p.host().reset_calls();
+        for _ in 0..5 {
+            p.host().advance(10);
+            served(&p, A);
+        }
+        assert_eq!(p.host().calls.borrow().get("get_shared_data"), None, "cached for {TABLE_REFRESH_MS} ms");
+        p.host().advance(TABLE_REFRESH_MS);
+        served(&p, A);
+        assert_eq!(p.host().calls.borrow().get("get_shared_data"), Some(&1));
+    }
+
+    #[test]
+    fn retries_added_reaches_envoy_on_the_tick() {
+        let p = plugin("{}");
+        for _ in 0..3 {
+            served(&p, A);
+        }
+        assert_eq!(p.host().metric("retries_added"), 0);
+        p.on_tick();
+        assert_eq!(p.host().metric("retries_added"), 3);
+        assert_eq!(p.host().metric("known_endpoints"), 1);
+    }
+
+    /// Three endpoints learnt from answers, then C refuses a connection: ejected, steering on.
+    fn steering_with_c_ejected() -> Plugin<FakeHost> {
+        let p = plugin(STEERING);
+        for a in [A, B, C] {
+            served(&p, a);
+        }
+        let mut req = get(&p);
+        finish(&p, &mut req, 503, ResponseFlags::UPSTREAM_CONNECTION_FAILURE, C, 1);
+        assert!(table(&p).is_ejected(C, p.host().clock_ms.get()));
+        p
+    }
+
+    #[test]
+    fn steered_lists_avoid_ejected_endpoints_and_retried_entries_are_blamed() {
+        let p = steering_with_c_ejected();
+        let mut req = get(&p);
+        assert_eq!(req.steered.len(), 2, "{:?}", req.steered);
+        assert!(!req.steered.iter().any(|a| a == C));
+        let header = p.host().map(Map::RequestHeaders);
+        assert!(header.iter().any(|(k, v)| k == "x-gateway-destination-endpoint" && *v == req.steered.join(",")));
+        let (first, second) = (req.steered[0].clone(), req.steered[1].clone());
+        // One retry, answered by the second entry: the first failed an attempt.
+        finish(&p, &mut req, 200, 0, &second, 2);
+        assert_eq!(p.host().metric("failures.retried_attempt"), 1);
+        let t = table(&p);
+        assert!(t.find(&first).is_some_and(|e| !e.proven), "{:?}", t.find(&first));
+        assert!(t.find(&second).is_some_and(|e| e.proven));
+    }
+
+    #[test]
+    fn entries_skipped_before_the_first_attempt_are_forgotten() {
+        let p = steering_with_c_ejected();
+        let mut req = get(&p);
+        let (first, second) = (req.steered[0].clone(), req.steered[1].clone());
+        // No retry, yet the second entry answered: Envoy skipped the first, gone from EDS.
+        finish(&p, &mut req, 200, 0, &second, 1);
+        assert!(table(&p).find(&first).is_none());
+        assert_eq!(p.host().metric("failures.retried_attempt"), 0, "nobody is blamed");
+    }
+
+    #[test]
+    fn endpoints_back_from_ejection_are_probed_and_a_probe_answer_puts_them_first() {
+        let p = steering_with_c_ejected();
+        p.host().advance(p.config.ejection.base_ejection_ms + 1);
+        p.on_tick();
+        let dispatched = p.host().dispatched.borrow().clone();
+        assert_eq!(dispatched.len(), 1, "{dispatched:?}");
+        let (cluster, headers) = &dispatched[0];
+        assert_eq!(cluster, CLUSTER);
+        assert!(headers.contains(&("x-gateway-destination-endpoint".to_string(), C.to_string())));
+        p.on_tick();
+        assert_eq!(p.host().dispatched.borrow().len(), 1, "one probe in flight per endpoint");
+
+        p.host().set_map(Map::ProbeResponseHeaders, &[(":status", "200")]);
+        p.on_probe_response(1);
+        let e = table(&p).find(C).cloned();
+        assert!(e.as_ref().is_some_and(|e| e.probe_answered && !e.proven), "{e:?}");
+        // A real request finds out whether C is still in EDS.
+        p.host().advance(TABLE_REFRESH_MS);
+        let req = get(&p);
+        assert_eq!(req.steered.first().map(String::as_str), Some(C), "{:?}", req.steered);
+    }
+
+    #[test]
+    fn a_probe_answered_with_unavailable_ejects_again() {
+        let p = steering_with_c_ejected();
+        p.host().advance(p.config.ejection.base_ejection_ms + 1);
+        p.on_tick();
+        p.host().set_map(Map::ProbeResponseHeaders, &[(":status", "200"), ("grpc-status", "14")]);
+        p.on_probe_response(1);
+        assert!(table(&p).find(C).is_some_and(|e| !e.probe_answered && e.consecutive_gateway == 1));
+        p.host().set_map(Map::ProbeResponseHeaders, &[(":status", "200"), ("grpc-status", "12")]);
+        p.on_tick();
+        p.on_probe_response(2);
+        assert!(table(&p).find(C).is_some_and(|e| e.probe_answered), "UNIMPLEMENTED: a server answered");
+        p.on_probe_response(99);
+    }
+
+    #[test]
+    fn grpc_calls_get_grpc_retries_and_unavailable_in_trailers_is_a_failure() {
+        let p = plugin("{}");
+        let grpc = [(":method", "POST"), ("content-type", "application/grpc+proto"), (":path", "/svc/Call")];
+        let mut req = start(&p, &grpc);
+        let sent = p.host().map(Map::RequestHeaders);
+        let value = |name: &str| sent.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        assert_eq!(value("x-envoy-retry-grpc-on").as_deref(), Some("cancelled,unavailable"));
+        assert_eq!(value("x-envoy-retry-on").as_deref(), Some(crate::decision::RETRY_ON_UNSENT));
+        assert_eq!(value("x-envoy-retriable-status-codes"), None);
+        p.host().set_map(Map::ResponseHeaders, &[(":status", "200")]);
+        p.on_response_headers(&mut req);
+        p.host().set_map(Map::ResponseTrailers, &[("grpc-status", "14")]);
+        p.on_response_trailers(&mut req);
+        finish(&p, &mut req, 200, 0, A, 1);
+        assert_eq!(p.host().metric("failures.gateway_error"), 1);
+        // Trailers-only: the status comes in the headers.
+        let mut req = start(&p, &grpc);
+        p.host().set_map(Map::ResponseHeaders, &[(":status", "200"), ("grpc-status", "14")]);
+        p.on_response_headers(&mut req);
+        finish(&p, &mut req, 200, 0, A, 1);
+        assert_eq!(p.host().metric("failures.gateway_error"), 2);
+        // A plain GET answered 200 is a success whatever a grpc-status header says.
+        let mut req = get(&p);
+        p.host().set_map(Map::ResponseHeaders, &[("grpc-status", "14")]);
+        p.on_response_headers(&mut req);
+        finish(&p, &mut req, 200, 0, A, 1);
+        assert_eq!(p.host().metric("failures.gateway_error"), 2);
+    }
+
+    #[test]
+    fn client_steering_headers_are_removed_before_deciding() {
+        let p = plugin(r#"{"endpointOverride":{},"fallback":{}}"#);
+        let _ =
+            start(&p, &[(":method", "GET"), ("x-gateway-destination-endpoint", C), ("x-churn-guard-fallback", "true")]);
+        let sent = p.host().map(Map::RequestHeaders);
+        assert!(!sent.iter().any(|(k, _)| k == "x-gateway-destination-endpoint" || k == "x-churn-guard-fallback"));
+        assert_eq!(p.host().metric("client_headers_removed"), 2);
+    }
+
+    #[test]
+    fn the_debug_header_reports_the_decision() {
+        let p = steering_with_c_ejected();
+        let mut req = get(&p);
+        p.host().set_map(Map::ResponseHeaders, &[]);
+        p.on_response_headers(&mut req);
+        let headers = p.host().map(Map::ResponseHeaders);
+        assert!(headers.is_empty(), "off unless configured");
+        let p = plugin(r#"{"debugHeader":true}"#);
+        let mut req = get(&p);
+        p.on_response_headers(&mut req);
+        let headers = p.host().map(Map::ResponseHeaders);
+        let value = headers.iter().find(|(k, _)| k == DEBUG_HEADER).map(|(_, v)| v.as_str());
+        assert_eq!(value, Some(format!("vm=1; cluster={CLUSTER}; ejected=; steered=; fallback=false").as_str()));
+    }
+
+    #[test]
+    fn vm_ids_are_unique_among_workers() {
+        let store = crate::store::MemoryStore::default();
+        assert_eq!((allocate_vm_id(&store), allocate_vm_id(&store)), (1, 2));
+    }
+}
