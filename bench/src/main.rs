@@ -350,6 +350,7 @@ async fn bench(out: &Path, scenarios: &[ScenarioName]) -> anyhow::Result<()> {
                     Variant::WasmNoop,
                     Variant::ChurnGuard,
                     Variant::ChurnGuardOverride,
+                    Variant::WasmNoopFallback,
                     Variant::ChurnGuardFallback,
                 ];
                 let fixed = s3(Load::Open { rate: 500 }, "S3-fixed-rate");

@@ -25,6 +25,9 @@ pub enum Variant {
     ChurnGuardFallback,
     /// A proxy-wasm filter that does nothing, loaded the same way: what any Wasm filter costs.
     WasmNoop,
+    /// The no-op filter on the recipe's gateway (`override_host` balancing, a fallback route):
+    /// what the recipe's Envoy configuration costs before churn-guard does anything.
+    WasmNoopFallback,
 }
 
 impl Variant {
@@ -53,6 +56,7 @@ impl Variant {
             Variant::ChurnGuardOverride => "churn-guard+override",
             Variant::ChurnGuardFallback => "churn-guard+fallback",
             Variant::WasmNoop => "wasm-noop",
+            Variant::WasmNoopFallback => "wasm-noop+fallback",
         }
     }
 
@@ -61,7 +65,7 @@ impl Variant {
     pub fn filter_config(self, per_try_timeout: Option<std::time::Duration>) -> Option<String> {
         let mut c = match self {
             Variant::Plain | Variant::Builtin | Variant::BuiltinTuned | Variant::BuiltinTunedTimeouts => return None,
-            Variant::ChurnGuard | Variant::WasmNoop => json!({}),
+            Variant::ChurnGuard | Variant::WasmNoop | Variant::WasmNoopFallback => json!({}),
             Variant::ChurnGuardOverride => json!({"endpointOverride": {"header": OVERRIDE_HEADER}}),
             Variant::ChurnGuardFallback => json!({
                 "endpointOverride": {"header": OVERRIDE_HEADER},
@@ -76,7 +80,7 @@ impl Variant {
 
     /// The module to load instead of churn-guard's.
     pub fn module(self) -> Option<std::path::PathBuf> {
-        (self == Variant::WasmNoop)
+        matches!(self, Variant::WasmNoop | Variant::WasmNoopFallback)
             .then(|| harness::envoy::workspace_root().join("target/wasm32-wasip1/release/wasm_noop.wasm"))
     }
 
@@ -125,7 +129,7 @@ impl Variant {
                 spec.common_lb_config = Some(json!({"healthyPanicThreshold": {"value": 0}}));
             }
             Variant::ChurnGuardOverride => spec.endpoint_override_header = Some(OVERRIDE_HEADER.into()),
-            Variant::ChurnGuardFallback => {
+            Variant::ChurnGuardFallback | Variant::WasmNoopFallback => {
                 spec.endpoint_override_header = Some(OVERRIDE_HEADER.into());
                 spec.fallback = Some(FallbackRoute { header: FALLBACK_HEADER.into(), value: "true".into() });
             }
