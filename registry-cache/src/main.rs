@@ -346,5 +346,16 @@ fn read_url_key(path: Option<&std::path::Path>) -> anyhow::Result<Vec<u8>> {
         key.len(),
         registry_cache::permissions::MIN_URL_KEY_BYTES
     );
+    // The example Secret's placeholder is long enough, and public: tokens signed with it could
+    // be forged by anyone who read deploy/.
+    anyhow::ensure!(
+        !key.windows(PLACEHOLDER.len()).any(|w| w == PLACEHOLDER),
+        "--url-key {}: still the placeholder of deploy/signing-key-secret.example.yaml; \
+         create the key with `head -c 32 /dev/urandom > url.key`",
+        path.display()
+    );
     Ok(key)
 }
+
+/// What the example manifests put where a secret belongs.
+const PLACEHOLDER: &[u8] = b"REPLACE-ME";

@@ -422,8 +422,15 @@ fn args_use_mounted_paths() -> anyhow::Result<()> {
         assert_eq!(key_mount.read_only, Some(true), "{option} must be mounted read-only");
         let secret = volume(&key_mount.name).secret.unwrap_or_else(|| panic!("{option} is not on a Secret volume"));
         let file = key.strip_prefix(&format!("{}/", key_mount.mount_path)).expect("key file under its mount");
-        let items = secret.items.clone().unwrap_or_default();
-        secret_keys.push(items.iter().find(|i| i.path == file).map_or(file, |i| i.key.as_str()).to_string());
+        // With `items`, only the listed keys become files: the file must be one of them.
+        let projected = match &secret.items {
+            Some(items) => items.iter().find(|i| i.path == file).map(|i| i.key.clone()),
+            None => Some(file.to_string()),
+        };
+        let Some(secret_key) = projected else {
+            panic!("{option} {key}: the Secret volume does not project {file}, so the pod cannot start")
+        };
+        secret_keys.push(secret_key);
         assert_ne!(secret.optional, Some(true), "without the key the pod must not start");
         secrets.push(secret);
     }
