@@ -326,9 +326,11 @@ impl Cache {
     /// entries beyond the size bound; returns the references evicted. Fails with
     /// [`CacheError::Missing`], recording nothing, if one of the entry's blobs is not on disk.
     ///
-    /// An entry replacing one for the same reference inherits from it: its signature if the
-    /// manifest is the same and the new entry is unsigned, and public visibility (see below).
-    /// The replaced entry's blobs that nothing else uses are deleted.
+    /// An entry replacing one for the same reference inherits its signature if the manifest is
+    /// the same and the new entry is unsigned. Visibility is the new entry's own: a repository
+    /// public yesterday may be private today, with new content under the same tag, and the
+    /// latest pull is what says so. The replaced entry's blobs that nothing else uses are
+    /// deleted.
     ///
     /// Blobs stored with [`Cache::put_blob`] may be evicted before this runs; publish through
     /// [`Cache::stage`] and [`Staging::record`] instead.
@@ -344,8 +346,6 @@ impl Cache {
                 entry.signature.clone_from(&old.signature);
                 entry.extra_blobs.clone_from(&old.extra_blobs);
             }
-            // Anyone could pull it anonymously, so it is public, whoever pulled it last.
-            entry.private = old.private && entry.private;
         }
         let missing = blobs_of(&entry).find(|d| !self.has_blob(d));
         if let Some(digest) = missing {
@@ -742,7 +742,7 @@ mod tests {
     }
 
     #[test]
-    fn an_image_once_pulled_anonymously_stays_public() {
+    fn privacy_follows_the_latest_pull() {
         let dir = tempfile::tempdir().unwrap();
         let c = Cache::open(dir.path(), 1 << 30).unwrap();
         let m = c.put_blob(b"module").unwrap();
@@ -753,11 +753,9 @@ mod tests {
             c.lookup("r/p:1").unwrap().private
         };
         assert!(with(true, 1), "first pulled with a secret: private");
-        assert!(with(true, 2), "still only ever pulled with secrets");
-        assert!(!with(false, 3), "pulled anonymously: public");
-        assert!(!with(true, 4), "a later pull with a secret does not hide it again");
-        c.remove("r/p:1").unwrap();
-        assert!(with(true, 5), "a fresh entry takes the puller's value");
+        assert!(!with(false, 2), "pulled anonymously: public");
+        assert!(with(true, 3), "the repository went private: so does the entry");
+        assert!(!with(false, 4), "and public again");
     }
 
     #[test]

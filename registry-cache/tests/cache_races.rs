@@ -66,7 +66,7 @@ fn concurrent_signed_and_unsigned_publishes_under_a_tiny_bound_leave_every_entry
 }
 
 #[test]
-fn an_unsigned_repull_keeps_the_signature_and_an_anonymous_pull_makes_it_public() {
+fn an_unsigned_repull_keeps_the_signature_and_privacy_follows_the_latest_pull() {
     let dir = tempfile::tempdir().unwrap();
     let cache = Cache::open(dir.path(), 1 << 30).unwrap();
     let signer = Signer::new(SigningKey::generate().unwrap(), "cache.test");
@@ -76,7 +76,7 @@ fn an_unsigned_repull_keeps_the_signature_and_an_anonymous_pull_makes_it_public(
     assert!(signed.signature.is_some() && !signed.private);
     let repulled = publish_signed(&cache, &image, true, None).unwrap();
     assert_eq!(repulled.signature, signed.signature, "the returned entry is the one recorded");
-    assert!(!repulled.private, "pulled anonymously before: it stays public");
+    assert!(repulled.private, "pulled with a secret now: private, whatever an earlier pull found");
     assert_eq!(cache.lookup(&image.reference).unwrap(), repulled);
     verify_entry(&cache, &image.reference, &[signer.public_key()]).unwrap();
 }
