@@ -1,7 +1,8 @@
 //! Plugin configuration: JSON, camelCase, every field optional.
 //!
-//! `{}` (or an empty configuration) is a complete, useful configuration: passive
-//! ejection, safe local retries with a budget, no steering, no fallback.
+//! `{}` (or an empty configuration) is a complete, useful configuration: safe retries with a
+//! budget, endpoint health learnt and reported (ejections act on routing only through
+//! steering or the fallback), no steering, no fallback.
 //! Every error names the offending field, because Envoy only shows a log line.
 
 use serde::Deserialize;
