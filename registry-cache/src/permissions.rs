@@ -13,7 +13,9 @@
 //!   for one namespace cannot be edited into one for another.
 //!
 //! Every answer is re-checked in the background before its TTL runs out. A check that fails
-//! (upstream down, timeout) keeps the last answer; only the upstream saying no revokes it.
+//! (upstream down, timeout) keeps the last answer for a while, so a registry outage does not
+//! take modules away; the upstream saying no revokes it at once. An allowed answer no check has
+//! confirmed for `MAX_AGE_TTLS` TTLs is not trusted any more: failures then deny.
 
 use crate::cache::Entry;
 use crate::pull::parse_reference;
@@ -57,6 +59,11 @@ struct Grant {
 /// At most this many answers are kept (least recently used go first): each client with new
 /// credentials adds one, so the table must not grow with what clients send.
 pub const MAX_GRANTS: usize = 10_000;
+
+/// An allowed answer that no check has confirmed for this many TTLs (20 minutes with the
+/// default 300 s) denies: access taken away upstream during a registry outage is not kept
+/// forever.
+pub const MAX_AGE_TTLS: u32 = 4;
 
 /// Background re-checks run this many at a time, so one slow registry does not hold up the rest.
 const REFRESH_CONCURRENCY: usize = 8;
@@ -121,6 +128,11 @@ impl Permissions {
         Self { ttl, check, grants: Mutex::new(HashMap::new()), namespaces: Mutex::new(HashMap::new()), url_key }
     }
 
+    /// How old an allowed answer may be, unconfirmed, and still allow.
+    fn max_age(&self) -> Duration {
+        self.ttl.saturating_mul(MAX_AGE_TTLS)
+    }
+
     /// Whether `auth` may read `entry`: public entries are open to all.
     pub async fn allows(&self, entry: &Entry, auth: Option<RegistryAuth>) -> bool {
         !entry.private || self.allows_reference(&entry.reference, auth).await
@@ -147,8 +159,9 @@ impl Permissions {
                 allowed
             }
             Err(e) => {
-                tracing::warn!(error = %e, %reference, "access check failed; using the last answer");
-                known.is_some_and(|(allowed, _)| allowed)
+                let max_age = self.max_age();
+                tracing::warn!(error = %e, %reference, "access check failed; using the last answer if it is younger than {max_age:?}");
+                known.is_some_and(|(allowed, age)| allowed && age < max_age)
             }
         }
     }
@@ -195,7 +208,10 @@ impl Permissions {
             return false;
         };
         let grants = lock(&self.grants);
-        hashes.into_iter().any(|hash| grants.get(&(repository.clone(), hash)).is_some_and(|g| g.allowed))
+        let max_age = self.max_age();
+        hashes
+            .into_iter()
+            .any(|hash| grants.get(&(repository.clone(), hash)).is_some_and(|g| g.allowed && g.checked.elapsed() < max_age))
     }
 
     /// The token for `namespace` to fetch `module` (a sha256 digest) by URL.
@@ -261,7 +277,15 @@ impl Permissions {
                 }
                 Err(e) => {
                     report.failed += 1;
-                    tracing::warn!(error = %e, reference = %grant.reference, "access re-check failed; keeping the last answer");
+                    if grant.checked.elapsed() >= self.max_age() {
+                        report.expired += 1;
+                        if let Some(g) = lock(&self.grants).get_mut(&key) {
+                            g.allowed = false;
+                        }
+                        tracing::warn!(error = %e, reference = %grant.reference, "access re-check failed and the last confirmation is too old; denying");
+                    } else {
+                        tracing::warn!(error = %e, reference = %grant.reference, "access re-check failed; keeping the last answer");
+                    }
                 }
             }
         }
@@ -286,6 +310,8 @@ pub struct RefreshReport {
     pub failed: usize,
     /// Refusals and unused answers forgotten.
     pub dropped: usize,
+    /// Allowed answers turned to refusals: unconfirmed for `MAX_AGE_TTLS` TTLs, checks failing.
+    pub expired: usize,
 }
 
 #[cfg(test)]
@@ -338,6 +364,33 @@ mod tests {
         let report = p.refresh().await;
         assert_eq!(report.revoked, 1);
         assert!(!p.allows_reference(IMAGE, good).await, "the upstream saying no revokes");
+    }
+
+    #[tokio::test]
+    async fn an_allowed_answer_unconfirmed_for_too_long_denies() {
+        let answer = Arc::new(Mutex::new(Some(true)));
+        let ttl = Duration::from_millis(200);
+        let p = Permissions::new(ttl, upstream(Arc::clone(&answer), Arc::default()));
+        let secret = RegistryAuth::Basic("u".into(), "p".into());
+        assert!(p.allows_reference(IMAGE, Some(secret.clone())).await);
+        p.bind_namespace("team-a", IMAGE, &secret);
+        assert!(p.namespace_allows("team-a", IMAGE));
+        // The registry goes down: answers hold for a while...
+        *lock(&answer) = None;
+        tokio::time::sleep(ttl * 2).await;
+        assert_eq!(p.refresh().await.expired, 0);
+        assert!(p.allows_reference(IMAGE, Some(secret.clone())).await, "an outage does not take modules away");
+        assert!(p.namespace_allows("team-a", IMAGE));
+        // ...but not for ever: access may have been withdrawn meanwhile.
+        tokio::time::sleep(ttl * MAX_AGE_TTLS).await;
+        assert!(!p.namespace_allows("team-a", IMAGE), "namespace URLs stop first");
+        assert!(!p.allows_reference(IMAGE, Some(secret.clone())).await);
+        let report = p.refresh().await;
+        assert_eq!((report.failed, report.expired), (1, 1));
+        // The registry answers again: access is confirmed and back.
+        *lock(&answer) = Some(true);
+        assert!(p.allows_reference(IMAGE, Some(secret)).await);
+        assert!(p.namespace_allows("team-a", IMAGE));
     }
 
     #[tokio::test]
