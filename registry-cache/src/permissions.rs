@@ -209,9 +209,9 @@ impl Permissions {
         };
         let grants = lock(&self.grants);
         let max_age = self.max_age();
-        hashes
-            .into_iter()
-            .any(|hash| grants.get(&(repository.clone(), hash)).is_some_and(|g| g.allowed && g.checked.elapsed() < max_age))
+        hashes.into_iter().any(|hash| {
+            grants.get(&(repository.clone(), hash)).is_some_and(|g| g.allowed && g.checked.elapsed() < max_age)
+        })
     }
 
     /// The token for `namespace` to fetch `module` (a sha256 digest) by URL.
