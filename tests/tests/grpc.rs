@@ -12,7 +12,7 @@ use std::time::Duration;
 
 const OVERRIDE_HEADER: &str = "x-gateway-destination-endpoint";
 const STEERING: &str = r#"{"endpointOverride":{"exploreRatio":0}}"#;
-const LIMIT: Duration = Duration::from_secs(10);
+const LIMIT: Duration = Duration::from_secs(60);
 
 fn spec(steering: bool) -> GatewaySpec {
     GatewaySpec {
