@@ -316,33 +316,82 @@ async fn wasm_file(
     }
 }
 
-/// Serves `app` over plain HTTP/1.1 until `shutdown` completes.
-///
-/// Docker-style clients try HTTPS first and fall back to HTTP only once the TLS handshake
-/// fails; a plain HTTP server that just waits for a request line leaves them hanging until
-/// their handshake times out. A connection that opens with a TLS record is closed at once.
+/// What one client may hold of the server.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// A request's headers must arrive within this, counted from when the server starts
+    /// waiting for them (also between requests on a kept-alive connection): a client that
+    /// trickles bytes (slowloris) or idles is cut off.
+    pub header_read_timeout: Duration,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self { header_read_timeout: Duration::from_secs(30), max_connections: 4096 }
+    }
+}
+
+/// Serves `app` over plain HTTP/1.1 until `shutdown` completes, with the default limits.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    serve_with(listener, app, shutdown, ServerLimits::default()).await
+}
+
+/// Serves `app` over plain HTTP/1.1 until `shutdown` completes.
+///
+/// Docker-style clients try HTTPS first and fall back to HTTP only once the TLS handshake
+/// fails; a plain HTTP server that just waits for a request line leaves them hanging until
+/// their handshake times out. A connection that opens with a TLS record is closed at once.
+///
+/// An accept that fails (out of file descriptors, say) is retried after a pause: the server
+/// never stops because of one, and connections left in the backlog are served once it can.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()>,
+    limits: ServerLimits,
+) -> std::io::Result<()> {
     const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+    const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     tokio::pin!(shutdown);
     loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => accepted?,
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => slot,
+            () = &mut shutdown => return Ok(()),
+        };
+        let Ok(slot) = slot else { return Ok(()) };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; retrying");
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                    continue;
+                }
+            },
             () = &mut shutdown => return Ok(()),
         };
         let app = app.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut first = [0u8; 1];
-            match tokio::time::timeout(Duration::from_secs(30), stream.peek(&mut first)).await {
+            match tokio::time::timeout(limits.header_read_timeout, stream.peek(&mut first)).await {
                 Ok(Ok(1)) if first[0] != TLS_HANDSHAKE_RECORD => {}
                 _ => return,
             }
             let service = hyper_util::service::TowerToHyperService::new(app);
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .serve_connection(io, service)
+                .await;
         });
     }
 }

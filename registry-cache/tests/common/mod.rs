@@ -366,3 +366,18 @@ pub async fn run(cmd: &mut tokio::process::Command) -> Run {
         elapsed: started.elapsed(),
     }
 }
+
+/// A minimal app (`GET /` answers "ok") behind `server::serve_with` and `limits`.
+pub async fn serve_minimal(limits: server::ServerLimits) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+    tokio::spawn(server::serve_with(listener, app, std::future::pending(), limits));
+    addr
+}
+
+/// Whether `GET /` at `addr` answers 200 within 5 s.
+pub async fn answers(addr: SocketAddr) -> bool {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("client");
+    client.get(format!("http://{addr}/")).send().await.is_ok_and(|r| r.status() == 200)
+}

@@ -1,0 +1,29 @@
+//! A client that trickles its headers for ever (slowloris) is cut off, and others are served.
+
+mod common;
+
+use registry_cache::server::ServerLimits;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_trickling_headers_is_cut_off() {
+    let limits = ServerLimits { header_read_timeout: Duration::from_secs(1), ..ServerLimits::default() };
+    let addr = common::serve_minimal(limits).await;
+    let mut slow = TcpStream::connect(addr).await.expect("connect");
+    let trickle = async {
+        for byte in b"GET / HTTP/1.1\r\nHost: cache\r\nX-Slow: ".iter().cycle() {
+            if slow.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    // Far beyond the limit: the server must have closed the connection by then.
+    let cut = tokio::time::timeout(Duration::from_secs(20), trickle).await;
+    assert!(cut.is_ok(), "the server still waits for the headers after 20 s");
+    let mut rest = vec![];
+    let _ = tokio::time::timeout(Duration::from_secs(1), slow.read_to_end(&mut rest)).await;
+    assert!(common::answers(addr).await, "others are still served");
+}
