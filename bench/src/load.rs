@@ -86,17 +86,8 @@ pub fn client() -> reqwest::Client {
         .unwrap_or_default()
 }
 
-async fn one(client: &reqwest::Client, url: &str, recorder: &Recorder, second: usize) {
-    let started = Instant::now();
-    let result = client.get(url).send().await;
-    // Read the body: a response counts once it is complete.
-    let result = match result {
-        Ok(r) if r.status().is_success() => match r.bytes().await {
-            Ok(_) => Ok(()),
-            Err(_) => Err("body reset".to_string()),
-        },
-        other => classify(&other),
-    };
+/// Records one finished request, sent in `second`, begun at `started`.
+fn record(recorder: &Recorder, second: usize, started: Instant, result: Result<(), String>) {
     let micros = started.elapsed().as_micros() as u64;
     recorder.with_second(second, |s| {
         let _ = s.latency_us.record(micros.max(1));
@@ -107,15 +98,40 @@ async fn one(client: &reqwest::Client, url: &str, recorder: &Recorder, second: u
     });
 }
 
-/// Sends `rate` requests per second until `stop` is set; `start` is second 0.
-pub async fn open_loop(url: String, rate: u32, start: Instant, stop: Arc<AtomicBool>, recorder: Arc<Recorder>) {
-    let client = client();
+/// One GET, read to its end: a response counts once it is complete.
+async fn get(client: &reqwest::Client, url: &str) -> Result<(), String> {
+    match client.get(url).send().await {
+        Ok(r) if r.status().is_success() => match r.bytes().await {
+            Ok(_) => Ok(()),
+            Err(_) => Err("body reset".to_string()),
+        },
+        other => classify(&other),
+    }
+}
+
+/// One unary gRPC call.
+async fn call(mut client: HealthClient<tonic::transport::Channel>) -> Result<(), String> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, grpc::check(&mut client)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(status)) => Err(format!("grpc {:?}", status.code())),
+        Err(_) => Err("client timeout".into()),
+    }
+}
+
+/// Starts `send(n)`, request n, at `rate` per second until `stop` is set; `start` is second 0.
+/// Returns once the requests in flight have finished (bounded by the client timeout).
+async fn paced<F, Fut>(rate: u32, start: Instant, stop: Arc<AtomicBool>, recorder: Arc<Recorder>, mut send: F)
+where
+    F: FnMut(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
     let in_flight = Arc::new(AtomicUsize::new(0));
     let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
     let mut n: u64 = 0;
     while !stop.load(Ordering::Relaxed) {
         let at = start + interval.mul_f64(n as f64);
         tokio::time::sleep_until(at).await;
+        let request = send(n);
         n += 1;
         let second = at.duration_since(start).as_secs() as usize;
         recorder.with_second(second, |s| s.sent += 1);
@@ -124,36 +140,31 @@ pub async fn open_loop(url: String, rate: u32, start: Instant, stop: Arc<AtomicB
             continue;
         }
         in_flight.fetch_add(1, Ordering::Relaxed);
-        let (client, url, recorder, in_flight) =
-            (client.clone(), url.clone(), Arc::clone(&recorder), Arc::clone(&in_flight));
+        let (recorder, in_flight) = (Arc::clone(&recorder), Arc::clone(&in_flight));
         tokio::spawn(async move {
-            one(&client, &url, &recorder, second).await;
+            let started = Instant::now();
+            record(&recorder, second, started, request.await);
             in_flight.fetch_sub(1, Ordering::Relaxed);
         });
     }
-    // Let requests in flight finish (bounded by the client timeout).
     let deadline = Instant::now() + REQUEST_TIMEOUT + Duration::from_secs(1);
     while in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
+/// Sends `rate` GETs per second until `stop` is set; `start` is second 0.
+pub async fn open_loop(url: String, rate: u32, start: Instant, stop: Arc<AtomicBool>, recorder: Arc<Recorder>) {
+    let client = client();
+    paced(rate, start, stop, recorder, move |_| {
+        let (client, url) = (client.clone(), url.clone());
+        async move { get(&client, &url).await }
+    })
+    .await;
+}
+
 /// Channels (HTTP/2 connections) the gRPC load spreads calls over, so both Envoy workers serve.
 const GRPC_CHANNELS: usize = 8;
-
-async fn one_call(mut client: HealthClient<tonic::transport::Channel>, recorder: &Recorder, second: usize) {
-    let started = Instant::now();
-    let result = tokio::time::timeout(REQUEST_TIMEOUT, grpc::check(&mut client)).await;
-    let micros = started.elapsed().as_micros() as u64;
-    recorder.with_second(second, |s| {
-        let _ = s.latency_us.record(micros.max(1));
-        match result {
-            Ok(Ok(_)) => s.ok += 1,
-            Ok(Err(status)) => *s.failed.entry(format!("grpc {:?}", status.code())).or_insert(0) += 1,
-            Err(_) => *s.failed.entry("client timeout".into()).or_insert(0) += 1,
-        }
-    });
-}
 
 /// As `open_loop`, with unary gRPC calls to Envoy's listener on `port`.
 pub async fn grpc_open_loop(port: u16, rate: u32, start: Instant, stop: Arc<AtomicBool>, recorder: Arc<Recorder>) {
@@ -164,35 +175,16 @@ pub async fn grpc_open_loop(port: u16, rate: u32, start: Instant, stop: Arc<Atom
             Err(e) => eprintln!("gRPC client cannot connect to port {port}: {e}"),
         }
     }
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    let interval = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
-    let mut n: u64 = 0;
-    while !stop.load(Ordering::Relaxed) {
-        let at = start + interval.mul_f64(n as f64);
-        tokio::time::sleep_until(at).await;
-        let second = at.duration_since(start).as_secs() as usize;
-        recorder.with_second(second, |s| s.sent += 1);
-        let Some(client) = channels.get(n as usize % channels.len().max(1)).cloned() else {
-            recorder.with_second(second, |s| *s.failed.entry("client connect".into()).or_insert(0) += 1);
-            n += 1;
-            continue;
-        };
-        n += 1;
-        if in_flight.load(Ordering::Relaxed) >= MAX_IN_FLIGHT {
-            recorder.with_second(second, |s| *s.failed.entry("client saturated".into()).or_insert(0) += 1);
-            continue;
+    paced(rate, start, stop, recorder, move |n| {
+        let client = channels.get(n as usize % channels.len().max(1)).cloned();
+        async move {
+            match client {
+                Some(client) => call(client).await,
+                None => Err("client connect".into()),
+            }
         }
-        in_flight.fetch_add(1, Ordering::Relaxed);
-        let (recorder, in_flight) = (Arc::clone(&recorder), Arc::clone(&in_flight));
-        tokio::spawn(async move {
-            one_call(client, &recorder, second).await;
-            in_flight.fetch_sub(1, Ordering::Relaxed);
-        });
-    }
-    let deadline = Instant::now() + REQUEST_TIMEOUT + Duration::from_secs(1);
-    while in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
 }
 
 /// `concurrency` clients sending back to back until `stop` is set.
@@ -211,7 +203,8 @@ pub async fn closed_loop(
             while !stop.load(Ordering::Relaxed) {
                 let second = start.elapsed().as_secs() as usize;
                 recorder.with_second(second, |s| s.sent += 1);
-                one(&client, &url, &recorder, second).await;
+                let started = Instant::now();
+                record(&recorder, second, started, get(&client, &url).await);
             }
         });
     }

@@ -2,6 +2,7 @@
 //! service over h2c, with the failure modes gRPC endpoints show while they churn. A real gRPC
 //! client (tonic's) calls them through Envoy.
 
+use crate::lifecycle::{follow, Listening};
 use hyper::server::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
@@ -11,8 +12,6 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tonic::codegen::tokio_stream::{self, Stream};
 use tonic::{Request, Response, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -95,21 +94,11 @@ impl Health for Service {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Lifecycle {
-    Serving,
-    /// GOAWAY, finish calls in flight, close.
-    Draining,
-    /// Close every connection now.
-    Killed,
-}
-
 /// One gRPC server over h2c. Dropping it kills it.
 pub struct GrpcUpstream {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    lifecycle: watch::Sender<Lifecycle>,
-    accept: Option<JoinHandle<()>>,
+    listening: Option<Listening>,
 }
 
 impl GrpcUpstream {
@@ -125,8 +114,7 @@ impl GrpcUpstream {
             calls: AtomicU64::new(0),
             unavailable: AtomicU64::new(0),
         });
-        let (lifecycle, _) = watch::channel(Lifecycle::Serving);
-        let mut up = Self { addr, shared, lifecycle, accept: None };
+        let mut up = Self { addr, shared, listening: None };
         up.listen().await?;
         Ok(up)
     }
@@ -134,37 +122,13 @@ impl GrpcUpstream {
     async fn listen(&mut self) -> anyhow::Result<()> {
         let listener = TcpListener::bind(self.addr).await?;
         self.addr = listener.local_addr()?;
-        let (lifecycle, _) = watch::channel(Lifecycle::Serving);
-        self.lifecycle = lifecycle;
         let service = HealthServer::new(Service(Arc::clone(&self.shared)));
-        let rx = self.lifecycle.subscribe();
-        self.accept = Some(tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let _ = stream.set_nodelay(true);
-                let service = TowerToHyperService::new(service.clone());
-                let mut rx = rx.clone();
-                tokio::spawn(async move {
-                    let conn =
-                        http2::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service);
-                    tokio::pin!(conn);
-                    loop {
-                        tokio::select! {
-                            _ = conn.as_mut() => return,
-                            changed = rx.changed() => {
-                                let state = *rx.borrow();
-                                if changed.is_err() || state == Lifecycle::Killed {
-                                    return;
-                                }
-                                if state == Lifecycle::Draining {
-                                    conn.as_mut().graceful_shutdown();
-                                    let _ = tokio::time::timeout(Duration::from_secs(30), conn.as_mut()).await;
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                });
+        self.listening = Some(Listening::start(listener, move |stream, rx| {
+            let service = TowerToHyperService::new(service.clone());
+            async move {
+                let conn = http2::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service);
+                tokio::pin!(conn);
+                follow(conn, rx, |c| c.graceful_shutdown()).await;
             }
         }));
         Ok(())
@@ -178,22 +142,18 @@ impl GrpcUpstream {
         self.shared.mode.store(mode as u8, Ordering::SeqCst);
     }
 
-    fn stop_accepting(&mut self) {
-        if let Some(accept) = self.accept.take() {
-            accept.abort();
-        }
-    }
-
     /// The process is gone: the port refuses connections, open ones close at once.
     pub fn kill_now(&mut self) {
-        self.stop_accepting();
-        let _ = self.lifecycle.send(Lifecycle::Killed);
+        if let Some(l) = self.listening.as_mut() {
+            l.kill_now();
+        }
     }
 
     /// SIGTERM handled well: stop accepting, GOAWAY, finish calls in flight.
     pub fn drain(&mut self) {
-        self.stop_accepting();
-        let _ = self.lifecycle.send(Lifecycle::Draining);
+        if let Some(l) = self.listening.as_mut() {
+            l.drain();
+        }
     }
 
     /// From now on the port accepts connections and resets them at once, as a pod whose server
@@ -203,14 +163,17 @@ impl GrpcUpstream {
         self.kill_now();
         tokio::task::yield_now().await;
         let listener = TcpListener::bind(self.addr).await?;
-        self.accept = Some(tokio::spawn(async move {
+        let resetting = tokio::spawn(async move {
             loop {
                 if let Ok((stream, _)) = listener.accept().await {
                     let _ = stream.set_zero_linger();
                     drop(stream);
                 }
             }
-        }));
+        });
+        if let Some(l) = self.listening.as_mut() {
+            l.replace_accept(resetting);
+        }
         Ok(())
     }
 
@@ -222,13 +185,6 @@ impl GrpcUpstream {
     /// Calls this pod failed with UNAVAILABLE.
     pub fn unavailable_answers(&self) -> u64 {
         self.shared.unavailable.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for GrpcUpstream {
-    fn drop(&mut self) {
-        self.stop_accepting();
-        let _ = self.lifecycle.send(Lifecycle::Killed);
     }
 }
 

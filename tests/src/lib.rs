@@ -6,6 +6,7 @@ pub mod crds;
 pub mod envoy;
 pub mod gateway;
 pub mod grpc;
+pub mod lifecycle;
 pub mod registry;
 pub mod upstream;
 

@@ -1,6 +1,7 @@
 //! Real HTTP/1.1 upstream servers on loopback ("pods"), with the failure modes endpoints show
 //! while they churn: refusing connections, resetting after reading a request, answering 503.
 
+use crate::lifecycle::{follow, Listening};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -12,10 +13,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 /// How an upstream answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,22 +57,11 @@ struct Shared {
     body: Option<Bytes>,
 }
 
-/// What open connections should do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Lifecycle {
-    Serving,
-    /// Finish the request in flight, then close (SIGTERM handled well).
-    Draining,
-    /// Close now (the process is gone).
-    Killed,
-}
-
 /// One upstream server. Dropping it kills it.
 pub struct Upstream {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
-    lifecycle: watch::Sender<Lifecycle>,
-    accept: Option<JoinHandle<()>>,
+    listening: Option<Listening>,
 }
 
 impl Upstream {
@@ -102,8 +89,7 @@ impl Upstream {
             counters: Mutex::new(Counters::default()),
             body,
         });
-        let (lifecycle, _) = watch::channel(Lifecycle::Serving);
-        let mut up = Self { addr, shared, lifecycle, accept: None };
+        let mut up = Self { addr, shared, listening: None };
         up.listen().await?;
         Ok(up)
     }
@@ -111,37 +97,14 @@ impl Upstream {
     async fn listen(&mut self) -> anyhow::Result<()> {
         let listener = TcpListener::bind(self.addr).await?;
         self.addr = listener.local_addr()?;
-        let (lifecycle, _) = watch::channel(Lifecycle::Serving);
-        self.lifecycle = lifecycle;
         let shared = Arc::clone(&self.shared);
-        let rx = self.lifecycle.subscribe();
-        self.accept = Some(tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let _ = stream.set_nodelay(true);
-                let shared = Arc::clone(&shared);
-                let mut rx = rx.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| handle(Arc::clone(&shared), req));
-                    let conn = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), svc);
-                    tokio::pin!(conn);
-                    loop {
-                        tokio::select! {
-                            _ = conn.as_mut() => return,
-                            changed = rx.changed() => {
-                                let state = *rx.borrow();
-                                if changed.is_err() || state == Lifecycle::Killed {
-                                    return; // dropping the connection closes the socket
-                                }
-                                if state == Lifecycle::Draining {
-                                    conn.as_mut().graceful_shutdown();
-                                    let _ = tokio::time::timeout(Duration::from_secs(30), conn.as_mut()).await;
-                                    return;
-                                }
-                            }
-                        }
-                    }
-                });
+        self.listening = Some(Listening::start(listener, move |stream, rx| {
+            let shared = Arc::clone(&shared);
+            async move {
+                let svc = service_fn(move |req| handle(Arc::clone(&shared), req));
+                let conn = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), svc);
+                tokio::pin!(conn);
+                follow(conn, rx, |c| c.graceful_shutdown()).await;
             }
         }));
         Ok(())
@@ -155,16 +118,11 @@ impl Upstream {
         self.shared.mode.store(mode as u8, Ordering::SeqCst);
     }
 
-    fn stop_accepting(&mut self) {
-        if let Some(accept) = self.accept.take() {
-            accept.abort();
-        }
-    }
-
     /// The process is gone: the port refuses connections, open ones are closed at once.
     pub fn kill_now(&mut self) {
-        self.stop_accepting();
-        let _ = self.lifecycle.send(Lifecycle::Killed);
+        if let Some(l) = self.listening.as_mut() {
+            l.kill_now();
+        }
     }
 
     /// `kill_now`, then let the connection tasks see it.
@@ -176,8 +134,9 @@ impl Upstream {
     /// SIGTERM handled well: stop accepting, finish requests in flight, close keep-alive
     /// connections as they go idle.
     pub fn drain(&mut self) {
-        self.stop_accepting();
-        let _ = self.lifecycle.send(Lifecycle::Draining);
+        if let Some(l) = self.listening.as_mut() {
+            l.drain();
+        }
     }
 
     /// Listens again on the same address.
@@ -197,13 +156,6 @@ impl Upstream {
     /// 503s this upstream answered.
     pub fn unavailable_answers(&self) -> u64 {
         self.shared.counters.lock().map(|c| c.unavailable).unwrap_or(0)
-    }
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.stop_accepting();
-        let _ = self.lifecycle.send(Lifecycle::Killed);
     }
 }
 
