@@ -194,7 +194,21 @@ pub fn listener(dir: &Path, spec: &GatewaySpec) -> Value {
         "name": "envoy.filters.http.router",
         "typedConfig": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router", "suppressEnvoyHeaders": true}
     }));
-    json!({
+    // For looking into a run: one line per request, with what each attempt did.
+    let access_log = std::env::var("ENVOY_ACCESS_LOG").ok().map(|path| {
+        json!([{
+            "name": "envoy.access_loggers.file",
+            "typedConfig": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": path,
+                "logFormat": {"textFormatSource": {"inlineString":
+                    "%START_TIME(%s.%3f)% %DURATION% %RESPONSE_CODE% %RESPONSE_FLAGS% attempts=%UPSTREAM_REQUEST_ATTEMPT_COUNT% \
+                     host=%UPSTREAM_HOST% cluster=%UPSTREAM_CLUSTER% steer=%REQ(X-GATEWAY-DESTINATION-ENDPOINT)% \
+                     fallback=%REQ(X-CHURN-GUARD-FALLBACK)% details=%RESPONSE_CODE_DETAILS%\n"}}
+            }
+        }])
+    });
+    let mut listener = json!({
         "name": LISTENER,
         "address": {"socketAddress": {"address": "127.0.0.1", "portValue": 0}},
         "defaultFilterChain": {"filters": [{
@@ -215,7 +229,11 @@ pub fn listener(dir: &Path, spec: &GatewaySpec) -> Value {
         }], "name": LISTENER},
         "maxConnectionsToAcceptPerSocketEvent": 1,
         "perConnectionBufferLimitBytes": 32768
-    })
+    });
+    if let Some(log) = access_log {
+        listener["defaultFilterChain"]["filters"][0]["typedConfig"]["accessLog"] = log;
+    }
+    listener
 }
 
 pub fn route_config(spec: &GatewaySpec) -> Value {
