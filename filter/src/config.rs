@@ -158,6 +158,11 @@ pub struct EndpointOverrideConfig {
     /// 500 counts as an answer; a failed probe ejects the endpoint again, for twice as long.
     pub probe_path: String,
     pub probe_timeout_ms: u64,
+    /// A request still unanswered after this long (and after four times the cluster's recent
+    /// p99) makes the plugin probe the cluster's endpoints, waiting as long for each: those that
+    /// do not answer are doubted, steered last and probed again, long before a connect or
+    /// per-try timeout would show a pod that vanished without a reset. 0 turns this off.
+    pub stall_after_ms: u64,
 }
 
 impl Default for EndpointOverrideConfig {
@@ -168,6 +173,7 @@ impl Default for EndpointOverrideConfig {
             suspect_ms: 10_000,
             probe_path: "/".into(),
             probe_timeout_ms: 2_000,
+            stall_after_ms: 100,
         }
     }
 }
@@ -280,6 +286,11 @@ impl Config {
         if let Some(o) = &self.endpoint_override {
             check(is_header_name(&o.header), "endpointOverride.header", "must be a lower-case HTTP header name")?;
             check((0.0..=1.0).contains(&o.explore_ratio), "endpointOverride.exploreRatio", "must be between 0 and 1")?;
+            check(
+                o.stall_after_ms == 0 || (10..=600_000).contains(&o.stall_after_ms),
+                "endpointOverride.stallAfterMs",
+                "must be 0 (off) or between 10 and 600000",
+            )?;
         }
         if let Some(f) = &self.fallback {
             check(is_header_name(&f.header), "fallback.header", "must be a lower-case HTTP header name")?;

@@ -62,7 +62,8 @@ pub fn fallback_active(config: &Config, table: &ClusterTable, now_ms: u64) -> bo
     t.known > 0 && unhealthy as f64 >= fallback.ejected_share * t.known as f64
 }
 
-/// Decides for one request. `retries_available` is what the budget allows right now.
+/// Decides for one request. `retries_available` is what the budget allows right now; `load`
+/// counts the requests in flight steered to an endpoint.
 pub fn decide<'c>(
     config: &'c Config,
     facts: &RequestFacts<'_>,
@@ -70,6 +71,7 @@ pub fn decide<'c>(
     now_ms: u64,
     retries_available: u32,
     rng: &mut Rng,
+    load: &dyn Fn(&str) -> u32,
 ) -> Decision<'c> {
     let mut decision = Decision { fallback: fallback_active(config, table, now_ms), ..Decision::default() };
 
@@ -119,8 +121,15 @@ pub fn decide<'c>(
             // are still in EDS (Envoy skips them at no cost if not). Then those proven alive;
             // those back from an ejection and silent since come last.
             let mut steer = sample(c.probe_answered, attempts, rng);
+            let first_class = if steer.is_empty() { c.proven.len().min(attempts) } else { steer.len() };
             steer.extend(sample(c.proven, attempts - steer.len(), rng));
             steer.extend(sample(c.unproven, attempts - steer.len(), rng));
+            // The first attempt goes where the fewest requests wait, as Envoy's least-request
+            // balancer would send it: requests pile up at an endpoint that vanished.
+            let candidates = steer.get(..first_class.max(1)).unwrap_or(&[]);
+            if let Some((best, _)) = candidates.iter().enumerate().min_by_key(|(_, a)| load(a)) {
+                steer.swap(0, best);
+            }
             decision.steer = steer;
         }
     }
@@ -161,6 +170,10 @@ mod tests {
         t
     }
 
+    fn idle(_: &str) -> u32 {
+        0
+    }
+
     fn steering() -> &'static Config {
         static STEERING: std::sync::OnceLock<Config> = std::sync::OnceLock::new();
         STEERING.get_or_init(|| Config::parse(br#"{"endpointOverride":{"exploreRatio":0}}"#).unwrap_or_default())
@@ -169,7 +182,7 @@ mod tests {
     #[test]
     fn defaults_retry_gets_on_everything_that_is_safe() {
         let defaults = Config::default();
-        let d = decide(&defaults, &GET, &ClusterTable::default(), 0, 100, &mut Rng::new(1));
+        let d = decide(&defaults, &GET, &ClusterTable::default(), 0, 100, &mut Rng::new(1), &idle);
         let plan = d.retry.unwrap_or_else(|| unreachable!());
         assert_eq!(plan.retry_on, RETRY_ON_IDEMPOTENT);
         assert_eq!(plan.max_retries, 10);
@@ -181,7 +194,7 @@ mod tests {
     fn post_is_retried_only_when_nothing_was_sent() {
         let post = RequestFacts { method: "POST", ..GET };
         let defaults = Config::default();
-        let d = decide(&defaults, &post, &ClusterTable::default(), 0, 100, &mut Rng::new(1));
+        let d = decide(&defaults, &post, &ClusterTable::default(), 0, 100, &mut Rng::new(1), &idle);
         let plan = d.retry.unwrap_or_else(|| unreachable!());
         assert_eq!(plan.retry_on, RETRY_ON_UNSENT);
         assert!(!plan.retry_on.split(',').any(|c| c == "reset" || c == "retriable-status-codes" || c == "5xx"));
@@ -193,18 +206,18 @@ mod tests {
     fn grpc_calls_retry_on_grpc_statuses_not_http_codes() {
         let call = RequestFacts { method: "POST", grpc: true, ..GET };
         let config = Config::default();
-        let d = decide(&config, &call, &ClusterTable::default(), 0, 100, &mut Rng::new(1));
+        let d = decide(&config, &call, &ClusterTable::default(), 0, 100, &mut Rng::new(1), &idle);
         let plan = d.retry.unwrap_or_else(|| unreachable!());
         assert_eq!(plan.retry_on, RETRY_ON_UNSENT, "a reset after the call was sent may have run it");
         assert_eq!(plan.grpc_retry_on, Some("cancelled,unavailable"));
         assert_eq!(plan.status_codes, None, "gRPC failures are HTTP 200s");
         let none = Config::parse(br#"{"retry":{"grpcRetryOn":[]}}"#).unwrap_or_default();
-        let d = decide(&none, &call, &ClusterTable::default(), 0, 100, &mut Rng::new(1));
+        let d = decide(&none, &call, &ClusterTable::default(), 0, 100, &mut Rng::new(1), &idle);
         assert_eq!(d.retry.map(|p| (p.retry_on, p.grpc_retry_on)), Some((RETRY_ON_UNSENT, None)));
-        let plain = decide(&config, &GET, &ClusterTable::default(), 0, 100, &mut Rng::new(1));
+        let plain = decide(&config, &GET, &ClusterTable::default(), 0, 100, &mut Rng::new(1), &idle);
         assert_eq!(plain.retry.and_then(|p| p.grpc_retry_on), None);
         let idempotent = Config::parse(br#"{"retry":{"grpcIdempotent":true}}"#).unwrap_or_default();
-        let d = decide(&idempotent, &call, &ClusterTable::default(), 0, 100, &mut Rng::new(1));
+        let d = decide(&idempotent, &call, &ClusterTable::default(), 0, 100, &mut Rng::new(1), &idle);
         let plan = d.retry.unwrap_or_else(|| unreachable!());
         assert!(plan.retry_on.split(',').any(|c| c == "reset"), "{}", plan.retry_on);
         assert_eq!(plan.grpc_retry_on, Some("cancelled,unavailable"));
@@ -214,7 +227,7 @@ mod tests {
     fn existing_retry_headers_are_left_alone() {
         let facts = RequestFacts { has_retry_headers: true, ..GET };
         let defaults = Config::default();
-        let d = decide(&defaults, &facts, &ClusterTable::default(), 0, 100, &mut Rng::new(1));
+        let d = decide(&defaults, &facts, &ClusterTable::default(), 0, 100, &mut Rng::new(1), &idle);
         assert_eq!(d.retry, None);
         assert!(!d.budget_exhausted);
     }
@@ -222,10 +235,10 @@ mod tests {
     #[test]
     fn budget_caps_retries() {
         let defaults = Config::default();
-        let d = decide(&defaults, &GET, &ClusterTable::default(), 0, 3, &mut Rng::new(1));
+        let d = decide(&defaults, &GET, &ClusterTable::default(), 0, 3, &mut Rng::new(1), &idle);
         assert_eq!(d.retry.map(|p| p.max_retries), Some(3));
         let defaults = Config::default();
-        let d = decide(&defaults, &GET, &ClusterTable::default(), 0, 0, &mut Rng::new(1));
+        let d = decide(&defaults, &GET, &ClusterTable::default(), 0, 0, &mut Rng::new(1), &idle);
         assert_eq!(d.retry, None);
         assert!(d.budget_exhausted);
     }
@@ -233,14 +246,14 @@ mod tests {
     #[test]
     fn no_steering_while_nothing_is_wrong() {
         let t = table(&["a:1", "b:1", "c:1"], &[]);
-        assert!(decide(steering(), &GET, &t, 1, 10, &mut Rng::new(1)).steer.is_empty());
+        assert!(decide(steering(), &GET, &t, 1, 10, &mut Rng::new(1), &idle).steer.is_empty());
     }
 
     #[test]
     fn steering_avoids_ejected_endpoints() {
         let t = table(&["a:1", "b:1", "c:1"], &["b:1"]);
         for seed in 0..200 {
-            let d = decide(steering(), &GET, &t, 1, 10, &mut Rng::new(seed));
+            let d = decide(steering(), &GET, &t, 1, 10, &mut Rng::new(seed), &idle);
             assert_eq!(d.steer.len(), 2);
             assert!(!d.steer.iter().any(|a| a == "b:1"), "{:?}", d.steer);
         }
@@ -252,7 +265,7 @@ mod tests {
         let mut firsts = std::collections::BTreeMap::new();
         let mut rng = Rng::new(7);
         for _ in 0..3_000 {
-            let d = decide(steering(), &GET, &t, 1, 10, &mut rng);
+            let d = decide(steering(), &GET, &t, 1, 10, &mut rng, &idle);
             *firsts.entry(d.steer.first().cloned().unwrap_or_default()).or_insert(0) += 1;
         }
         assert_eq!(firsts.len(), 3);
@@ -262,7 +275,7 @@ mod tests {
     #[test]
     fn list_length_follows_the_attempts() {
         let t = table(&["a:1", "b:1", "c:1", "d:1"], &["d:1"]);
-        let d = decide(steering(), &GET, &t, 1, 1, &mut Rng::new(3));
+        let d = decide(steering(), &GET, &t, 1, 1, &mut Rng::new(3), &idle);
         assert_eq!(d.steer.len(), 2, "one try and one retry");
     }
 
@@ -275,7 +288,7 @@ mod tests {
         t.apply(&Observation::Success("a:1"), later, &policy, 0);
         t.apply(&Observation::Success("b:1"), later, &policy, 0);
         for seed in 0..50 {
-            let d = decide(steering(), &GET, &t, later, 10, &mut Rng::new(seed));
+            let d = decide(steering(), &GET, &t, later, 10, &mut Rng::new(seed), &idle);
             assert_eq!(d.steer.last().map(String::as_str), Some("c:1"), "{:?}", d.steer);
         }
     }
@@ -288,7 +301,7 @@ mod tests {
         t.apply(&Observation::Success("a:1"), later, &policy, 0);
         t.apply(&Observation::ProbeAnswered("c:1"), later, &policy, 0);
         for seed in 0..50 {
-            let d = decide(steering(), &GET, &t, later, 10, &mut Rng::new(seed));
+            let d = decide(steering(), &GET, &t, later, 10, &mut Rng::new(seed), &idle);
             let order: Vec<&str> = d.steer.iter().map(String::as_str).collect();
             // b was never doubted; d's ejection ran out and nothing has answered for it since.
             let middle = order.get(1..3).map(|m| m.to_vec());
@@ -312,7 +325,7 @@ mod tests {
     #[test]
     fn safety_valve_when_everything_is_ejected() {
         let t = table(&[], &["a:1", "b:1"]);
-        assert!(decide(steering(), &GET, &t, 1, 10, &mut Rng::new(1)).steer.is_empty());
+        assert!(decide(steering(), &GET, &t, 1, 10, &mut Rng::new(1), &idle).steer.is_empty());
     }
 
     #[test]
@@ -320,7 +333,8 @@ mod tests {
         let config = Config::parse(br#"{"endpointOverride":{"exploreRatio":0.25}}"#).unwrap_or_default();
         let t = table(&["a:1", "b:1"], &["c:1"]);
         let mut rng = Rng::new(11);
-        let unsteered = (0..4_000).filter(|_| decide(&config, &GET, &t, 1, 10, &mut rng).steer.is_empty()).count();
+        let unsteered =
+            (0..4_000).filter(|_| decide(&config, &GET, &t, 1, 10, &mut rng, &idle).steer.is_empty()).count();
         assert!((800..1_200).contains(&unsteered), "{unsteered}");
     }
 
@@ -328,15 +342,31 @@ mod tests {
     fn someone_elses_override_header_wins() {
         let t = table(&["a:1", "b:1"], &["c:1"]);
         let facts = RequestFacts { has_override_header: true, ..GET };
-        assert!(decide(steering(), &facts, &t, 1, 10, &mut Rng::new(1)).steer.is_empty());
+        assert!(decide(steering(), &facts, &t, 1, 10, &mut Rng::new(1), &idle).steer.is_empty());
+    }
+
+    #[test]
+    fn the_first_attempt_goes_to_the_least_loaded_endpoint() {
+        let t = table(&["a:1", "b:1", "c:1", "d:1"], &["e:1"]);
+        let busy = |a: &str| if a == "c:1" { 0 } else { 3 };
+        for seed in 0..50 {
+            let d = decide(steering(), &GET, &t, 1, 10, &mut Rng::new(seed), &busy);
+            assert_eq!(d.steer.first().map(String::as_str), Some("c:1"), "{:?}", d.steer);
+            assert_eq!(d.steer.len(), 4);
+        }
+        // Equal loads keep the random order: no endpoint is favoured.
+        let firsts: std::collections::HashSet<String> = (0..50)
+            .filter_map(|seed| decide(steering(), &GET, &t, 1, 10, &mut Rng::new(seed), &idle).steer.first().cloned())
+            .collect();
+        assert_eq!(firsts.len(), 4, "{firsts:?}");
     }
 
     #[test]
     fn suspect_cluster_is_steered() {
         let mut t = table(&["a:1", "b:1"], &[]);
         t.suspect_until_ms = 100;
-        assert_eq!(decide(steering(), &GET, &t, 50, 10, &mut Rng::new(1)).steer.len(), 2);
-        assert!(decide(steering(), &GET, &t, 100, 10, &mut Rng::new(1)).steer.is_empty());
+        assert_eq!(decide(steering(), &GET, &t, 50, 10, &mut Rng::new(1), &idle).steer.len(), 2);
+        assert!(decide(steering(), &GET, &t, 100, 10, &mut Rng::new(1), &idle).steer.is_empty());
     }
 
     #[test]
@@ -354,7 +384,7 @@ mod tests {
     #[test]
     fn fallback_does_not_steer() {
         let config = Config::parse(br#"{"endpointOverride":{"exploreRatio":0},"fallback":{}}"#).unwrap_or_default();
-        let d = decide(&config, &GET, &table(&["a:1"], &["b:1", "c:1"]), 1, 10, &mut Rng::new(1));
+        let d = decide(&config, &GET, &table(&["a:1"], &["b:1", "c:1"]), 1, 10, &mut Rng::new(1), &idle);
         assert!(d.fallback && d.steer.is_empty());
     }
 }

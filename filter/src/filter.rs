@@ -137,7 +137,7 @@ impl RootContext for Root {
                 }
                 let vm_id = *self.vm_id.get_or_insert_with(|| allocate_vm_id(&Envoy));
                 self.plugin = Some(Rc::new(Plugin::new(Envoy, config, vm_id)));
-                if let Err(status) = hostcalls::set_tick_period(Duration::from_secs(1)) {
+                if let Err(status) = hostcalls::set_tick_period(Duration::from_millis(crate::plugin::TICK_MS)) {
                     Envoy.log(Level::Warn, &format!("churn-guard: no tick, gauges stay stale: {status:?}"));
                 }
                 Envoy.log(Level::Info, "churn-guard: configured");

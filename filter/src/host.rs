@@ -74,6 +74,8 @@ pub mod fake {
         pub metric_values: RefCell<HashMap<u32, u64>>,
         /// Calls dispatched: (cluster, headers).
         pub dispatched: RefCell<Vec<(String, Pairs)>>,
+        /// Their timeouts, in the same order.
+        pub dispatch_timeouts: RefCell<Vec<u64>>,
         /// Host calls made, by name: what a request costs Envoy beyond the filter's own work.
         pub calls: RefCell<HashMap<&'static str, u32>>,
     }
@@ -204,8 +206,9 @@ pub mod fake {
             self.metric_values.borrow_mut().insert(id, value);
         }
 
-        fn dispatch(&self, cluster: &str, headers: &[(&str, &str)], _timeout_ms: u64) -> Result<u32, String> {
+        fn dispatch(&self, cluster: &str, headers: &[(&str, &str)], timeout_ms: u64) -> Result<u32, String> {
             self.count("dispatch_http_call");
+            self.dispatch_timeouts.borrow_mut().push(timeout_ms);
             let mut d = self.dispatched.borrow_mut();
             d.push((cluster.to_string(), headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()));
             u32::try_from(d.len()).map_err(|e| e.to_string())

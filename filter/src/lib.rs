@@ -2,7 +2,7 @@
 //! endpoints churn behind Envoy (Gateway).
 //!
 //! Host-independent logic lives in plain modules (`config`, `outcome`, `health`, `budget`,
-//! `clusters`, `decision`, `store`); `plugin` is what happens on each callback, written against
+//! `clusters`, `decision`, `inflight`, `store`); `plugin` is what happens on each callback, written against
 //! the `host::Host` trait. All of them are unit-tested natively and on wasm32, `plugin` with an
 //! in-memory host. `filter` is the thin proxy-wasm glue, built only for the WASI target Envoy
 //! loads.
@@ -13,6 +13,7 @@ pub mod config;
 pub mod decision;
 pub mod health;
 pub mod host;
+pub mod inflight;
 pub mod outcome;
 pub mod plugin;
 pub mod properties;

@@ -8,6 +8,7 @@ use crate::config::Config;
 use crate::decision::{decide, RequestFacts};
 use crate::health::{attribute_steered, Applied, ClusterTable, Observation, Policy, Steered};
 use crate::host::{Host, Level, Map, MetricKind};
+use crate::inflight::InFlight;
 use crate::outcome::{classify, effective_status, FailureKind, Outcome, ResponseFlags};
 use crate::properties;
 use crate::rng::Rng;
@@ -22,8 +23,23 @@ const MAX_CACHED_CLUSTERS: usize = 1024;
 const VM_SEQUENCE_KEY: &str = "churn-guard.v1.vm-sequence";
 const RETRY_HEADERS: [&str; 3] = ["x-envoy-retry-on", "x-envoy-retry-grpc-on", "x-envoy-max-retries"];
 pub const DEBUG_HEADER: &str = "x-churn-guard";
-/// Probes sent per cluster and tick (one second), per worker.
+/// How often the root context's tick runs: often enough to notice stalled requests early.
+pub const TICK_MS: u64 = 50;
+/// Metrics, gauges, expiry and probes of endpoints back from ejection run this often.
+const PERIODIC_MS: u64 = 1_000;
+/// Probes sent per cluster and second, per worker, to endpoints back from ejection.
 const PROBES_PER_TICK: usize = 8;
+/// Endpoints probed at most per cluster when a request stalls.
+const MAX_SWEEP: usize = 128;
+
+/// Why a probe was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProbeKind {
+    /// The endpoint is back from an ejection: does it answer again?
+    Return,
+    /// A request to the cluster stalled: does the endpoint still answer quickly?
+    Stall,
+}
 
 /// A counter bumped in the VM and handed to Envoy on the tick, to spare a host call per request.
 #[derive(Default)]
@@ -47,6 +63,8 @@ struct Metrics {
     retries_denied: Option<u32>,
     retries_performed: Option<u32>,
     steered: Option<u32>,
+    /// Sweeps of a cluster's endpoints because a request there waited too long.
+    stalls: Option<u32>,
     fallbacks: Option<u32>,
     client_headers_removed: Option<u32>,
     no_upstream: Option<u32>,
@@ -71,6 +89,7 @@ impl Metrics {
             retries_denied: counter("churn_guard.retries_denied_budget"),
             retries_performed: counter("churn_guard.retries_performed"),
             steered: counter("churn_guard.steered"),
+            stalls: counter("churn_guard.stall_sweeps"),
             fallbacks: counter("churn_guard.fallbacks"),
             client_headers_removed: counter("churn_guard.client_headers_removed"),
             no_upstream: counter("churn_guard.no_healthy_upstream"),
@@ -102,6 +121,8 @@ pub struct RequestState {
     /// `grpc-status` of a gRPC call's answer: `Some` for gRPC calls, holding the status once
     /// seen (in the headers of a trailers-only answer, or in the trailers).
     grpc_status: Option<Option<u32>>,
+    /// The request's id in the stall watch.
+    watched: Option<u64>,
 }
 
 /// A small number unique to this VM among the workers, for the debug header.
@@ -130,8 +151,12 @@ pub struct Plugin<H: Host> {
     budgets: RefCell<ClusterMap<RetryBudget>>,
     rng: RefCell<Rng>,
     tables: RefCell<ClusterMap<CachedTable>>,
-    /// Probes in flight: call token → (cluster, endpoint).
-    probes: RefCell<HashMap<u32, (String, String)>>,
+    /// Probes in flight: call token → (cluster, endpoint, why).
+    probes: RefCell<HashMap<u32, (String, String, ProbeKind)>>,
+    /// Requests in flight: each endpoint's load, and those that get no answer. Steering only.
+    inflight: Option<RefCell<InFlight>>,
+    /// When the once-a-second work last ran.
+    periodic_ms: Cell<Option<u64>>,
     /// Clusters this VM has seen listed in the shared registry (`store::CLUSTERS_KEY`).
     registered: RefCell<HashSet<String>>,
     /// The registry was full once; said once per VM, not per request.
@@ -141,6 +166,7 @@ pub struct Plugin<H: Host> {
 impl<H: Host> Plugin<H> {
     pub fn new(host: H, config: Config, vm_id: u32) -> Self {
         let seed = host.now_ms() ^ (u64::from(vm_id) << 48);
+        let inflight = config.endpoint_override.as_ref().map(|o| RefCell::new(InFlight::new(o.stall_after_ms)));
         Self {
             debug: Cell::new(host.debug_enabled()),
             policy: Policy::from_config(&config),
@@ -151,6 +177,8 @@ impl<H: Host> Plugin<H> {
             rng: RefCell::new(Rng::new(seed)),
             tables: RefCell::new(ClusterMap::new(MAX_CACHED_CLUSTERS)),
             probes: RefCell::new(HashMap::new()),
+            inflight,
+            periodic_ms: Cell::new(None),
             registered: RefCell::new(HashSet::new()),
             registry_full_logged: Cell::new(false),
             host,
@@ -296,30 +324,71 @@ impl<H: Host> Plugin<H> {
                 t.unproven_addresses(now_ms, ttl).into_iter().take(PROBES_PER_TICK).map(str::to_string).collect()
             });
             for target in targets {
-                if self.probes.borrow().values().any(|(c, a)| *c == cluster && *a == target) {
-                    continue;
-                }
-                let headers = [
-                    (":method", "GET"),
-                    (":path", o.probe_path.as_str()),
-                    (":authority", "churn-guard-probe"),
-                    (o.header.as_str(), target.as_str()),
-                ];
-                match self.host.dispatch(&cluster, &headers, o.probe_timeout_ms) {
-                    Ok(token) => {
-                        self.probes.borrow_mut().insert(token, (cluster.clone(), target));
-                    }
-                    Err(e) => {
-                        self.log(Level::Warn, &format!("churn-guard: cannot probe {target} of cluster {cluster}: {e}"))
-                    }
-                }
+                self.send_probe(&cluster, target, o.probe_timeout_ms, ProbeKind::Return);
             }
+        }
+    }
+
+    /// Probes the endpoints of clusters where a request has waited too long for an answer, each
+    /// with as long to answer: a pod that vanished does not, a live one answers in time.
+    fn sweep_stalled(&self, now_ms: u64) {
+        let Some(watch) = &self.inflight else { return };
+        let stalled = watch.borrow_mut().stalled(now_ms);
+        let ttl = self.config.ejection.endpoint_ttl_ms;
+        for s in stalled {
+            // Where stalled requests were steered is where they most likely wait: doubted at
+            // once, without waiting for a probe.
+            let doubted: Vec<Observation<'_>> = s.endpoints.iter().map(|e| Observation::Suspect(e)).collect();
+            if !doubted.is_empty() {
+                self.observe(&s.cluster, &doubted, now_ms);
+            }
+            let Some(timeout_ms) = s.sweep_timeout_ms else { continue };
+            let targets: Vec<String> = self.with_table(&s.cluster, now_ms, |t| {
+                let c = t.candidates(now_ms, ttl);
+                c.proven.into_iter().chain(c.probe_answered).take(MAX_SWEEP).map(str::to_string).collect()
+            });
+            if self.debug.get() {
+                self.log(
+                    Level::Debug,
+                    &format!(
+                        "churn-guard: a request to {} waits beyond {} ms: doubting [{}], probing {} endpoints",
+                        s.cluster,
+                        timeout_ms,
+                        s.endpoints.join(","),
+                        targets.len()
+                    ),
+                );
+            }
+            self.inc(self.metrics.stalls, 1);
+            for target in targets {
+                self.send_probe(&s.cluster, target, timeout_ms, ProbeKind::Stall);
+            }
+        }
+    }
+
+    /// One probe, pinned to `target` with the override header; none if one is in flight already.
+    fn send_probe(&self, cluster: &str, target: String, timeout_ms: u64, kind: ProbeKind) {
+        let Some(o) = &self.config.endpoint_override else { return };
+        if self.probes.borrow().values().any(|(c, a, _)| c == cluster && *a == target) {
+            return;
+        }
+        let headers = [
+            (":method", "GET"),
+            (":path", o.probe_path.as_str()),
+            (":authority", "churn-guard-probe"),
+            (o.header.as_str(), target.as_str()),
+        ];
+        match self.host.dispatch(cluster, &headers, timeout_ms) {
+            Ok(token) => {
+                self.probes.borrow_mut().insert(token, (cluster.to_string(), target, kind));
+            }
+            Err(e) => self.log(Level::Warn, &format!("churn-guard: cannot probe {target} of cluster {cluster}: {e}")),
         }
     }
 
     /// The answer to probe `token`: its headers are the host's `ProbeResponseHeaders`.
     pub fn on_probe_response(&self, token: u32) {
-        let Some((cluster, address)) = self.probes.borrow_mut().remove(&token) else { return };
+        let Some((cluster, address, kind)) = self.probes.borrow_mut().remove(&token) else { return };
         let status = self.host.header(Map::ProbeResponseHeaders, ":status").and_then(|s| s.parse::<u32>().ok());
         // A gRPC server answers any path, `/` included, with HTTP 200 and a `grpc-status`:
         // UNIMPLEMENTED (501) still shows a server that answers; UNAVAILABLE (503) does not.
@@ -327,6 +396,9 @@ impl<H: Host> Plugin<H> {
         let observation = match status {
             Some(code) if code < 500 || code == 501 => Observation::ProbeAnswered(&address),
             Some(_) => Observation::Failure(&address, FailureKind::GatewayError),
+            // No answer within a stall's short wait: doubted, not failed; the endpoint may just
+            // be slow, and a probe with the full timeout tells.
+            None if kind == ProbeKind::Stall => Observation::Suspect(&address),
             // No response at all: the connection failed or the probe timed out.
             None => Observation::Failure(&address, FailureKind::ConnectFailure),
         };
@@ -358,12 +430,17 @@ impl<H: Host> Plugin<H> {
         }
     }
 
-    /// Once per tick (a second): metrics handed over, gauges, expiry, probes.
+    /// Every tick: stalled requests. Once a second: metrics handed over, gauges, expiry, probes
+    /// of endpoints back from ejection.
     pub fn on_tick(&self) {
-        self.debug.set(self.host.debug_enabled());
         let now = self.host.now_ms();
-        self.housekeeping(now);
-        self.probe(now);
+        if self.periodic_ms.get().is_none_or(|at| now.saturating_sub(at) >= PERIODIC_MS) {
+            self.periodic_ms.set(Some(now));
+            self.debug.set(self.host.debug_enabled());
+            self.housekeeping(now);
+            self.probe(now);
+        }
+        self.sweep_stalled(now);
     }
 
     /// Gauges over every cluster with a table in shared data, not just those this VM has served
@@ -411,6 +488,9 @@ impl<H: Host> Plugin<H> {
         self.registered.borrow_mut().retain(|c| listed.contains(c));
         self.tables.borrow_mut().expire(now_ms, ttl);
         self.budgets.borrow_mut().expire(now_ms, ttl);
+        if let Some(watch) = &self.inflight {
+            watch.borrow_mut().expire(now_ms, ttl);
+        }
     }
 
     pub fn on_request_headers(&self, req: &mut RequestState) {
@@ -441,8 +521,12 @@ impl<H: Host> Plugin<H> {
                 && self.config.endpoint_override.as_ref().is_some_and(|o| header(&o.header).is_some()),
         };
         let available = self.budget_deposit(&cluster, now);
-        let decision = self
-            .with_table(&cluster, now, |t| decide(&self.config, &facts, t, now, available, &mut self.rng.borrow_mut()));
+        let inflight = self.inflight.as_ref().map(RefCell::borrow);
+        let load = |endpoint: &str| inflight.as_ref().map_or(0, |f| f.load(endpoint));
+        let decision = self.with_table(&cluster, now, |t| {
+            decide(&self.config, &facts, t, now, available, &mut self.rng.borrow_mut(), &load)
+        });
+        drop(inflight);
 
         let request = Map::RequestHeaders;
         if let Some(plan) = &decision.retry {
@@ -477,6 +561,11 @@ impl<H: Host> Plugin<H> {
                 req.fell_back = true;
             }
         }
+        // Only requests to the cluster's endpoints: a stall there is what probes can explain.
+        if let (false, Some(watch)) = (req.fell_back, &self.inflight) {
+            let first = req.steered.first().map(String::as_str);
+            req.watched = watch.borrow_mut().begin(&cluster, first, now);
+        }
         if self.debug.get() {
             self.log(
                 Level::Debug,
@@ -492,6 +581,9 @@ impl<H: Host> Plugin<H> {
     }
 
     pub fn on_response_headers(&self, req: &mut RequestState) {
+        if let (Some(id), Some(watch)) = (req.watched, &self.inflight) {
+            watch.borrow_mut().answered(id);
+        }
         if let Some(status) = &mut req.grpc_status {
             // Trailers-only: the call's status is in the headers.
             *status = self.grpc_status(Map::ResponseHeaders);
@@ -538,6 +630,9 @@ impl<H: Host> Plugin<H> {
         let attempts = self.property_int(&["upstream", "request_attempt_count"]).unwrap_or(1);
         let retries = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX);
         let now = self.host.now_ms();
+        if let (Some(id), Some(watch)) = (req.watched.take(), &self.inflight) {
+            watch.borrow_mut().end(id, now, attempts <= 1);
+        }
         // Charged where the request was routed first: that cluster's budget granted the retries.
         self.budget_withdraw(routed.as_deref().unwrap_or(&cluster), now, retries);
         self.inc(self.metrics.retries_performed, u64::from(retries));
@@ -733,6 +828,7 @@ mod tests {
         let (cluster, headers) = &dispatched[0];
         assert_eq!(cluster, CLUSTER);
         assert!(headers.contains(&("x-gateway-destination-endpoint".to_string(), C.to_string())));
+        p.host().advance(PERIODIC_MS);
         p.on_tick();
         assert_eq!(p.host().dispatched.borrow().len(), 1, "one probe in flight per endpoint");
 
@@ -755,10 +851,64 @@ mod tests {
         p.on_probe_response(1);
         assert!(table(&p).find(C).is_some_and(|e| !e.probe_answered && e.consecutive_gateway == 1));
         p.host().set_map(Map::ProbeResponseHeaders, &[(":status", "200"), ("grpc-status", "12")]);
+        p.host().advance(PERIODIC_MS);
         p.on_tick();
         p.on_probe_response(2);
         assert!(table(&p).find(C).is_some_and(|e| e.probe_answered), "UNIMPLEMENTED: a server answered");
         p.on_probe_response(99);
+    }
+
+    #[test]
+    fn a_request_left_unanswered_has_the_endpoints_probed_and_the_silent_one_is_doubted() {
+        let p = plugin(r#"{"endpointOverride":{"exploreRatio":0,"stallAfterMs":250}}"#);
+        for a in [A, B, C] {
+            served(&p, a);
+        }
+        let hung = get(&p); // a pod that vanished keeps it: no answer, no failure
+        p.host().advance(250);
+        p.on_tick();
+        assert!(p.host().dispatched.borrow().is_empty(), "within the 250 ms floor");
+        p.host().advance(1);
+        p.on_tick();
+        let probed: Vec<String> = p.host().dispatched.borrow().iter().filter_map(|(_, h)| override_target(h)).collect();
+        assert_eq!(probed.len(), 3, "{probed:?}");
+        assert!(p.host().dispatch_timeouts.borrow().iter().all(|t| *t == 250), "as long as the stall floor");
+        assert_eq!(p.host().metric("stall_sweeps"), 1);
+        for (token, target) in (1u32..).zip(&probed) {
+            let answer: &[(&str, &str)] = if target == C { &[] } else { &[(":status", "200")] };
+            p.host().set_map(Map::ProbeResponseHeaders, answer);
+            p.on_probe_response(token);
+        }
+        let t = table(&p);
+        let c = t.find(C).cloned();
+        assert!(c.as_ref().is_some_and(|e| !e.proven && !e.is_ejected(p.host().clock_ms.get())), "{c:?}");
+        assert!(t.find(A).is_some_and(|e| e.proven) && t.find(B).is_some_and(|e| e.proven));
+        // Steering is on, and puts the silent endpoint last.
+        p.host().advance(TABLE_REFRESH_MS);
+        let req = get(&p);
+        assert_eq!(req.steered.last().map(String::as_str), Some(C), "{:?}", req.steered);
+        assert_eq!(req.steered.len(), 3);
+        // One sweep per interval, however long the request keeps waiting.
+        p.host().advance(TICK_MS);
+        p.on_tick();
+        assert_eq!(p.host().metric("stall_sweeps"), 1);
+        drop(hung);
+    }
+
+    #[test]
+    fn a_request_whose_answer_began_is_not_a_stall() {
+        let p = plugin(STEERING);
+        served(&p, A);
+        let mut streaming = get(&p);
+        p.on_response_headers(&mut streaming);
+        p.host().advance(60_000);
+        p.on_tick();
+        assert_eq!(p.host().metric("stall_sweeps"), 0);
+        assert!(p.host().dispatched.borrow().is_empty());
+    }
+
+    fn override_target(headers: &[(String, String)]) -> Option<String> {
+        headers.iter().find(|(k, _)| k == "x-gateway-destination-endpoint").map(|(_, v)| v.clone())
     }
 
     #[test]
