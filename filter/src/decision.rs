@@ -120,15 +120,14 @@ pub fn decide<'c>(
             // Endpoints that answered only a probe go first: a real request shows whether they
             // are still in EDS (Envoy skips them at no cost if not). Then those proven alive;
             // those back from an ejection and silent since come last.
-            let mut steer = sample(c.probe_answered, attempts, rng);
-            let first_class = if steer.is_empty() { c.proven.len().min(attempts) } else { steer.len() };
-            steer.extend(sample(c.proven, attempts - steer.len(), rng));
-            steer.extend(sample(c.unproven, attempts - steer.len(), rng));
-            // The first attempt goes where the fewest requests wait, as Envoy's least-request
-            // balancer would send it: requests pile up at an endpoint that vanished.
-            let candidates = steer.get(..first_class.max(1)).unwrap_or(&[]);
-            if let Some((best, _)) = candidates.iter().enumerate().min_by_key(|(_, a)| load(a)) {
-                steer.swap(0, best);
+            // Within each class, the fewest requests waiting first, as Envoy's least-request
+            // balancer would choose: requests pile up at an endpoint that vanished. The sort is
+            // stable, so equal loads keep their random order.
+            let mut steer = Vec::with_capacity(attempts);
+            for class in [c.probe_answered, c.proven, c.unproven] {
+                let mut picked = sample(class, attempts - steer.len(), rng);
+                picked.sort_by_key(|a| load(a));
+                steer.extend(picked);
             }
             decision.steer = steer;
         }
@@ -346,12 +345,16 @@ mod tests {
     }
 
     #[test]
-    fn the_first_attempt_goes_to_the_least_loaded_endpoint() {
+    fn attempts_go_to_the_least_loaded_endpoints_first() {
         let t = table(&["a:1", "b:1", "c:1", "d:1"], &["e:1"]);
-        let busy = |a: &str| if a == "c:1" { 0 } else { 3 };
+        let busy = |a: &str| match a {
+            "c:1" => 0,
+            "a:1" => 1,
+            _ => 3,
+        };
         for seed in 0..50 {
             let d = decide(steering(), &GET, &t, 1, 10, &mut Rng::new(seed), &busy);
-            assert_eq!(d.steer.first().map(String::as_str), Some("c:1"), "{:?}", d.steer);
+            assert_eq!(d.steer.get(..2), Some(&["c:1".to_string(), "a:1".to_string()][..]), "{:?}", d.steer);
             assert_eq!(d.steer.len(), 4);
         }
         // Equal loads keep the random order: no endpoint is favoured.

@@ -395,10 +395,11 @@ impl<H: Host> Plugin<H> {
         let status = status.map(|code| effective_status(code, self.grpc_status(Map::ProbeResponseHeaders)));
         let observation = match status {
             Some(code) if code < 500 || code == 501 => Observation::ProbeAnswered(&address),
+            // No answer within a stall's short wait (Envoy answers a call that timed out with
+            // its own 504): doubted, not failed. The endpoint may just be slow; a probe with
+            // the full timeout tells.
+            _ if kind == ProbeKind::Stall => Observation::Suspect(&address),
             Some(_) => Observation::Failure(&address, FailureKind::GatewayError),
-            // No answer within a stall's short wait: doubted, not failed; the endpoint may just
-            // be slow, and a probe with the full timeout tells.
-            None if kind == ProbeKind::Stall => Observation::Suspect(&address),
             // No response at all: the connection failed or the probe timed out.
             None => Observation::Failure(&address, FailureKind::ConnectFailure),
         };
@@ -893,6 +894,25 @@ mod tests {
         p.on_tick();
         assert_eq!(p.host().metric("stall_sweeps"), 1);
         drop(hung);
+    }
+
+    #[test]
+    fn a_steered_request_left_unanswered_doubts_its_endpoint_at_once_and_steers_others_away() {
+        let p = steering_with_c_ejected(); // steering on: A and B proven
+        let hung = get(&p);
+        let stuck = hung.steered.first().cloned().unwrap_or_default();
+        let other = if stuck == A { B } else { A };
+        // While it waits, the next request's first attempt goes to the endpoint with none waiting.
+        let mut next = get(&p);
+        assert_eq!(next.steered.first().map(String::as_str), Some(other), "{:?}", next.steered);
+        p.on_response_headers(&mut next);
+        finish(&p, &mut next, 200, 0, other, 1);
+        p.host().advance(101);
+        p.on_tick();
+        let t = table(&p);
+        assert!(t.find(&stuck).is_some_and(|e| !e.proven), "doubted without waiting for a probe: {:?}", t.find(&stuck));
+        assert!(t.find(other).is_some_and(|e| e.proven));
+        assert!(!t.is_ejected(&stuck, p.host().clock_ms.get()), "doubt is not an ejection");
     }
 
     #[test]

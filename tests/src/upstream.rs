@@ -27,6 +27,9 @@ pub enum Mode {
     Unavailable = 2,
     /// 503 to every other request and 200 to the rest: alive, but shedding load.
     UnavailableEveryOther = 3,
+    /// Reads the request and never answers, nor closes: a pod whose address vanished (its
+    /// packets dropped) or whose process froze. Nothing fails; requests just wait.
+    Silent = 4,
 }
 
 impl Mode {
@@ -35,6 +38,7 @@ impl Mode {
             1 => Mode::ResetAfterRequest,
             2 => Mode::Unavailable,
             3 => Mode::UnavailableEveryOther,
+            4 => Mode::Silent,
             _ => Mode::Ok,
         }
     }
@@ -46,6 +50,8 @@ struct Counters {
     by_method: HashMap<String, u64>,
     /// 503s answered.
     unavailable: u64,
+    /// Requests that were churn-guard's probes (`:authority` churn-guard-probe).
+    probes: u64,
 }
 
 struct Shared {
@@ -153,6 +159,11 @@ impl Upstream {
         self.shared.counters.lock().map(|c| c.by_method.get(method).copied().unwrap_or(0)).unwrap_or(0)
     }
 
+    /// Requests received that were churn-guard's probes; `hits` counts them too.
+    pub fn probe_hits(&self) -> u64 {
+        self.shared.counters.lock().map(|c| c.probes).unwrap_or(0)
+    }
+
     /// 503s this upstream answered.
     pub fn unavailable_answers(&self) -> u64 {
         self.shared.counters.lock().map(|c| c.unavailable).unwrap_or(0)
@@ -178,10 +189,12 @@ impl std::error::Error for Dropped {}
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Dropped> {
     let method = req.method().to_string();
+    let probe = req.headers().get(hyper::header::HOST).is_some_and(|h| h == "churn-guard-probe");
     // Read the whole request first: "reached the upstream" means the upstream has it.
     let _ = req.into_body().collect().await;
     if let Ok(mut c) = shared.counters.lock() {
         *c.by_method.entry(method).or_insert(0) += 1;
+        c.probes += u64::from(probe);
     }
     let response = |status: StatusCode, body: Bytes| {
         let mut r = Response::new(Full::new(body));
@@ -211,5 +224,6 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         Mode::Unavailable => Ok(response(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(b"shutting down"))),
         // hyper closes the connection when the service fails.
         Mode::ResetAfterRequest => Err(Dropped),
+        Mode::Silent => std::future::pending().await,
     }
 }
