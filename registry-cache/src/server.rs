@@ -294,7 +294,7 @@ async fn wasm_file(
     let mut allowed = None;
     for e in &entries {
         let granted = match by_token {
-            Some(ns) => !e.private || s.permissions.namespace_allows(ns, &e.reference),
+            Some(ns) => !e.private || s.permissions.namespace_allows(ns, &e.reference).await,
             None => s.permissions.allows(e, auth.clone()).await,
         };
         if granted {

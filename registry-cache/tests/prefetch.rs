@@ -363,7 +363,11 @@ async fn namespace_bindings_follow_policies_and_credentials() {
     let one = "        pullSecretRef:\n          name: one\n";
     let repo = "registry.example.com/team-a/auth".to_string();
     let alice = credential_hash(&RegistryAuth::Basic("alice".into(), "pw".into()));
-    let bound = |ns: &str| bindings.lock().unwrap().get(&(ns.to_string(), repo.clone())) == Some(&vec![alice]);
+    let bound = |ns: &str| {
+        let hashes =
+            bindings.lock().unwrap().get(&(ns.to_string(), repo.clone())).map(|c| c.iter().map(|c| c.hash()).collect());
+        hashes == Some(vec![alice])
+    };
 
     p.resync(
         "t",
