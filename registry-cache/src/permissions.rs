@@ -215,6 +215,8 @@ pub struct Permissions {
     check: AccessCheck,
     tables: Arc<Tables>,
     url_key: Vec<u8>,
+    /// Questions about new credentials refused over the budget, without asking the registry.
+    refused_over_budget: prometheus_client::metrics::counter::Counter,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -271,7 +273,7 @@ impl Permissions {
             inflight: Mutex::default(),
             budget: Mutex::new(CheckBudget::new()),
         };
-        Self { ttl, check, tables: Arc::new(tables), url_key }
+        Self { ttl, check, tables: Arc::new(tables), url_key, refused_over_budget: Default::default() }
     }
 
     /// How old an allowed answer may be, unconfirmed, and still allow.
@@ -322,6 +324,7 @@ impl Permissions {
                 Some(flight) => flight.clone(),
                 None => {
                     if new && !lock(&self.tables.budget).take() {
+                        self.refused_over_budget.inc();
                         return Err(OVER_BUDGET.to_string());
                     }
                     let (tables, check) = (Arc::clone(&self.tables), Arc::clone(&self.check));
@@ -352,6 +355,11 @@ impl Permissions {
         let now = Instant::now();
         let grant = Grant { allowed, checked: now, used: now, reference: reference.to_string(), auth: auth.clone() };
         self.tables.record(key, grant, true);
+    }
+
+    /// Counts questions about new credentials refused over the budget (shares its count).
+    pub fn refused_over_budget(&self) -> prometheus_client::metrics::counter::Counter {
+        self.refused_over_budget.clone()
     }
 
     /// How many answers are kept.
@@ -454,17 +462,15 @@ impl Permissions {
                 .filter(|(k, g)| (g.allowed || bound.contains_key(*k)) && g.checked.elapsed() >= self.ttl / 2)
                 .map(|(k, g)| (k.clone(), g.clone()))
                 .collect();
-            // A missing answer is as old as can be: unconfirmed, it never allows.
-            let unconfirmed = now.checked_sub(self.max_age()).unwrap_or(now);
             due.extend(bound.iter().filter(|(k, _)| !grants.contains_key(*k)).map(|(k, c)| {
-                let grant = Grant {
+                let missing = Grant {
                     allowed: false,
-                    checked: unconfirmed,
+                    checked: now,
                     used: now,
                     reference: c.reference.clone(),
                     auth: c.auth.clone(),
                 };
-                (k.clone(), grant)
+                (k.clone(), missing)
             }));
             due
         };

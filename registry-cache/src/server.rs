@@ -48,6 +48,11 @@ impl AppState {
         let mut registry = Registry::with_prefix("registry_cache");
         let served = Family::<ServedLabels, Counter>::default();
         registry.register("requests", "Requests served, by kind and outcome", served.clone());
+        registry.register(
+            "new_credentials_refused_unchecked",
+            "Requests with credentials the cache had no answer for, refused without asking the registry: over the budget for such checks",
+            permissions.refused_over_budget(),
+        );
         Arc::new(Self { cache, permissions, ready: true.into(), served, registry })
     }
 

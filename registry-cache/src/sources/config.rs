@@ -152,13 +152,14 @@ mod tests {
 
     #[test]
     fn full_config() {
-        let s = p("sources:\n  kubernetes: {enabled: true}\n  directories: [/a, /b]\n  rescanSeconds: 3\nprefetch:\n  concurrency: 2\n  alwaysRefreshSeconds: 60\n")
+        let s = p("sources:\n  kubernetes: {enabled: true}\n  directories: [/a, /b]\n  rescanSeconds: 3\nprefetch:\n  concurrency: 2\n  alwaysRefreshSeconds: 60\n  secretRecheckSeconds: 15\n")
             .unwrap();
         assert!(s.sources.kubernetes.enabled);
         assert_eq!(s.sources.directories, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
         assert_eq!(s.sources.rescan_seconds, 3);
         let c = s.prefetch.to_config();
         assert_eq!((c.concurrency, c.always_refresh), (2, Duration::from_secs(60)));
+        assert_eq!(c.secret_recheck, Duration::from_secs(15));
         assert_eq!(c.settle_attempts, 3, "unset fields keep their defaults");
     }
 
