@@ -48,6 +48,11 @@ impl AppState {
         let mut registry = Registry::with_prefix("registry_cache");
         let served = Family::<ServedLabels, Counter>::default();
         registry.register("requests", "Requests served, by kind and outcome", served.clone());
+        registry.register(
+            "new_credentials_refused_unchecked",
+            "Requests with credentials the cache had no answer for, refused without asking the registry: over the budget for such checks",
+            permissions.refused_over_budget(),
+        );
         Arc::new(Self { cache, permissions, ready: true.into(), served, registry })
     }
 
@@ -294,7 +299,7 @@ async fn wasm_file(
     let mut allowed = None;
     for e in &entries {
         let granted = match by_token {
-            Some(ns) => !e.private || s.permissions.namespace_allows(ns, &e.reference),
+            Some(ns) => !e.private || s.permissions.namespace_allows(ns, &e.reference).await,
             None => s.permissions.allows(e, auth.clone()).await,
         };
         if granted {

@@ -363,7 +363,11 @@ async fn namespace_bindings_follow_policies_and_credentials() {
     let one = "        pullSecretRef:\n          name: one\n";
     let repo = "registry.example.com/team-a/auth".to_string();
     let alice = credential_hash(&RegistryAuth::Basic("alice".into(), "pw".into()));
-    let bound = |ns: &str| bindings.lock().unwrap().get(&(ns.to_string(), repo.clone())) == Some(&vec![alice]);
+    let bound = |ns: &str| {
+        let hashes =
+            bindings.lock().unwrap().get(&(ns.to_string(), repo.clone())).map(|c| c.iter().map(|c| c.hash()).collect());
+        hashes == Some(vec![alice])
+    };
 
     p.resync(
         "t",
@@ -395,4 +399,72 @@ async fn namespace_bindings_follow_policies_and_credentials() {
     p.upsert("t", record("d", "p5", "1", "registry.example.com/team-a/auth:v4", one));
     p.wait_idle().await;
     assert!(!bound("d"));
+}
+
+/// Directory mode: a namespace stays bound only while its policy and its pull Secret are on
+/// disk. The Secret is read again while the policy stays: removed, the namespace is unbound;
+/// changed, it is bound through the new credentials only; the policy removed, unbound.
+#[tokio::test]
+async fn a_removed_pull_secret_or_policy_file_unbinds_its_namespace() {
+    use registry_cache::sources::Bindings;
+    let dir = tempfile::tempdir().unwrap();
+    let with_secret = "        pullSecretRef:\n          name: regcred\n";
+    write(dir.path(), "policy.yaml", &policy_yaml("team-a", "auth", PRIVATE, with_secret));
+    let secret = |user: &str| secret_yaml("team-a", "regcred", "registry.example.com", user, "pw");
+    write(dir.path(), "secret.yaml", &secret("alice"));
+    let fetcher = Arc::new(CountingFetcher::default());
+    let secrets = FileSecrets::default();
+    let bindings: Arc<Mutex<Bindings>> = Arc::default();
+    let published = Arc::clone(&bindings);
+    let hook: AccessHook = Arc::new(move |event| {
+        if let AccessEvent::Bindings(b) = event {
+            *published.lock().unwrap() = b.clone();
+        }
+    });
+    let config = PrefetchConfig {
+        always_refresh: Duration::ZERO,
+        initial_backoff: Duration::from_millis(5),
+        max_backoff: Duration::from_millis(20),
+        secret_recheck: Duration::from_millis(20),
+        ..PrefetchConfig::default()
+    };
+    let p = Prefetcher::new(
+        config,
+        Arc::clone(&fetcher) as Arc<dyn ImageFetcher>,
+        Arc::new(secrets.clone()),
+        hook,
+        &[files::SOURCE],
+    );
+    let task = tokio::spawn(files::run(vec![dir.path().to_path_buf()], Duration::from_millis(20), p.clone(), secrets));
+    let repo = ("team-a".to_string(), "registry.example.com/team-a/auth".to_string());
+    let users = || -> Vec<RegistryAuth> {
+        bindings.lock().unwrap().get(&repo).map(|c| c.iter().map(|c| c.auth.clone()).collect()).unwrap_or_default()
+    };
+    let basic = |user: &str| RegistryAuth::Basic(user.into(), "pw".into());
+    let wait_for = |want: Vec<RegistryAuth>, what: &'static str| {
+        let users = &users;
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while users() != want {
+                assert!(tokio::time::Instant::now() < deadline, "{what}: bound through {:?}", users());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    wait_for(vec![basic("alice")], "policy and secret on disk").await;
+
+    std::fs::remove_file(dir.path().join("secret.yaml")).unwrap();
+    wait_for(vec![], "secret removed").await;
+    assert!(p.desired_images().contains(PRIVATE), "the policy is still there");
+    write(dir.path(), "secret.yaml", &secret("alice"));
+    wait_for(vec![basic("alice")], "secret back").await;
+
+    write(dir.path(), "secret.yaml", &secret("bob"));
+    wait_for(vec![basic("bob")], "secret rotated").await;
+
+    std::fs::remove_file(dir.path().join("policy.yaml")).unwrap();
+    wait_for(vec![], "policy removed").await;
+    assert!(bindings.lock().unwrap().is_empty());
+    assert_eq!(fetcher.pulls_of(PRIVATE), vec![basic("alice")], "the cached image is checked, not pulled again");
+    task.abort();
 }

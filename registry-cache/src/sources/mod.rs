@@ -33,6 +33,16 @@
 //!
 //! One image referenced by many policies is pulled once per distinct credential: targets that
 //! resolve to the same (image, credentials) share one pull.
+//!
+//! # Namespace bindings
+//!
+//! A namespace is bound to a repository (its `/wasm` URLs are served, see `permissions`) while
+//! one of its current policies names an image there with a pull secret whose credentials the
+//! registry accepted for it. The pre-puller publishes the whole set through the
+//! [`AccessHook`] whenever it changes: a policy deleted unbinds at once. Pull secrets are read
+//! again every [`PrefetchConfig::secret_recheck`] (default 60 s): a Secret deleted, or left
+//! without credentials, unbinds its namespace; one whose credentials changed unbinds it until
+//! the registry has accepted the new ones.
 
 pub mod config;
 pub mod files;
@@ -41,7 +51,7 @@ pub mod kubernetes;
 
 use crate::auth;
 use crate::cache::Cache;
-use crate::permissions::{credential_hash, repository_of};
+use crate::permissions::{credential_hash, repository_of, BoundCredential};
 use crate::publish;
 use crate::pull::{parse_reference, PullError, Puller};
 use crate::sign::Signer;
@@ -211,8 +221,8 @@ pub trait SecretSource: Send + Sync + 'static {
 }
 
 /// Which credentials each namespace reads each repository with: `(namespace, repository)` →
-/// hashes of the pull-secret credentials (`permissions::credential_hash`) of its current
-/// policies' images whose last pull or check succeeded.
+/// the pull-secret credentials of its current policies' images whose last pull or check
+/// succeeded, each with the image it was read with.
 pub type Bindings = crate::permissions::NamespaceBindings;
 
 /// What the pre-puller learnt about access, for the permission layer (`permissions::Permissions`).
@@ -300,6 +310,9 @@ pub struct PrefetchConfig {
     /// Readiness waits for an image of the initial sync until it is pulled or has failed this
     /// many times; retries go on in the background.
     pub settle_attempts: u32,
+    /// Period of reading every pull Secret in use again, so that a deleted or changed Secret
+    /// unbinds its namespace.
+    pub secret_recheck: Duration,
 }
 
 impl Default for PrefetchConfig {
@@ -310,6 +323,7 @@ impl Default for PrefetchConfig {
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(300),
             settle_attempts: 3,
+            secret_recheck: Duration::from_secs(60),
         }
     }
 }
@@ -342,8 +356,9 @@ struct TargetState {
     settled: bool,
     status: TargetStatus,
     last_ok: Option<Instant>,
-    /// The credentials the last definitive outcome was for: the secret's content may change.
-    credential: Option<[u8; 32]>,
+    /// The credentials the last definitive outcome (pulled, checked, refused) was for; None
+    /// when the secret could not be read. The secret's content may change.
+    credential: Option<RegistryAuth>,
 }
 
 struct State {
@@ -379,6 +394,8 @@ pub struct Prefetcher {
 enum Attempt {
     Done,
     Retry(String),
+    /// The pull secret is gone or holds no credentials: unbound, and retried.
+    NoSecret(String),
     GiveUp(String),
 }
 
@@ -412,6 +429,19 @@ impl Prefetcher {
                 bindings: Mutex::default(),
             }),
         };
+        {
+            let weak = Arc::downgrade(&this.inner);
+            let period = this.inner.config.secret_recheck.max(Duration::from_millis(10));
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    Prefetcher { inner }.recheck_secrets().await;
+                }
+            });
+        }
         if !this.inner.config.always_refresh.is_zero() {
             let weak = Arc::downgrade(&this.inner);
             let period = this.inner.config.always_refresh;
@@ -618,13 +648,14 @@ impl Prefetcher {
         target: &Target,
         generation: u64,
         attempt: Attempt,
-        credential: Option<[u8; 32]>,
+        credential: Option<RegistryAuth>,
         failures: &mut u32,
     ) -> Option<Duration> {
         let config = &self.inner.config;
         let mut s = self.lock();
         // Gone while the attempt ran: nothing to record, nothing to bind.
         let t = s.targets.get_mut(target)?;
+        let no_secret = matches!(attempt, Attempt::NoSecret(_));
         match attempt {
             Attempt::Done => {
                 t.status = TargetStatus::Ready;
@@ -637,13 +668,17 @@ impl Prefetcher {
                 tracing::warn!(image = %target.image, error = %e, "not pre-pulled");
                 t.status = TargetStatus::Failed(e);
                 t.settled = true;
-                t.credential = None;
+                t.credential = credential;
             }
-            Attempt::Retry(e) => {
+            Attempt::Retry(e) | Attempt::NoSecret(e) => {
                 *failures += 1;
                 tracing::warn!(image = %target.image, error = %e, failures = *failures, "pre-pull failed; retrying");
-                if t.status != TargetStatus::Ready {
+                // A transient failure keeps what was pulled; a secret gone takes the binding.
+                if t.status != TargetStatus::Ready || no_secret {
                     t.status = TargetStatus::Failed(e);
+                }
+                if no_secret {
+                    t.credential = None;
                 }
                 if *failures >= config.settle_attempts {
                     t.settled = true;
@@ -667,12 +702,17 @@ impl Prefetcher {
         let mut last = self.inner.bindings.lock().unwrap_or_else(|e| e.into_inner());
         let mut bindings = Bindings::new();
         for (target, t) in &self.lock().targets {
-            if let (Some(secret), Some(credential), TargetStatus::Ready) = (&target.secret, t.credential, &t.status) {
-                let key = (secret.namespace.clone(), repository_of(&target.image));
-                let hashes = bindings.entry(key).or_default();
-                if !hashes.contains(&credential) {
-                    hashes.push(credential);
-                }
+            let (Some(secret), Some(auth), TargetStatus::Ready) = (&target.secret, &t.credential, &t.status) else {
+                continue;
+            };
+            // A secret without credentials for the registry binds nothing.
+            if *auth == RegistryAuth::Anonymous {
+                continue;
+            }
+            let key = (secret.namespace.clone(), repository_of(&target.image));
+            let creds = bindings.entry(key).or_default();
+            if !creds.iter().any(|c| c.auth == *auth) {
+                creds.push(BoundCredential::new(&target.image, auth));
             }
         }
         if last.as_ref() != Some(&bindings) {
@@ -688,26 +728,78 @@ impl Prefetcher {
 
     async fn resolve_auth(&self, target: &Target) -> Result<RegistryAuth, Attempt> {
         let Some(secret) = &target.secret else { return Ok(RegistryAuth::Anonymous) };
-        let name = format!("{}/{}", secret.namespace, secret.name);
-        let config = match self.inner.secrets.docker_config(&secret.namespace, &secret.name).await {
-            Ok(Some(c)) => c,
-            Ok(None) => return Err(Attempt::Retry(format!("pull secret {name} not found"))),
-            Err(e) => return Err(Attempt::Retry(format!("pull secret {name}: {e}"))),
-        };
-        let auths =
-            auth::parse_docker_config(&config).map_err(|e| Attempt::Retry(format!("pull secret {name}: {e}")))?;
-        let reference = parse_reference(&target.image).map_err(|e| Attempt::GiveUp(e.to_string()))?;
-        Ok(auth::for_registry(&auths, reference.resolve_registry()))
+        let config = self.inner.secrets.docker_config(&secret.namespace, &secret.name).await;
+        auth_from(secret, &target.image, config)
     }
 
-    /// One attempt, and the hash of the credentials it was made with (None: no secret read).
-    async fn attempt(&self, target: &Target, policy: PullPolicy, wanted_at: Instant) -> (Attempt, Option<[u8; 32]>) {
+    /// One attempt, and the credentials it was made with (None: no secret read).
+    async fn attempt(
+        &self,
+        target: &Target,
+        policy: PullPolicy,
+        wanted_at: Instant,
+    ) -> (Attempt, Option<RegistryAuth>) {
         let auth = match self.resolve_auth(target).await {
             Ok(a) => a,
             Err(attempt) => return (attempt, None),
         };
-        let credential = target.secret.as_ref().map(|_| credential_hash(&auth));
+        let credential = target.secret.as_ref().map(|_| auth.clone());
         (self.attempt_with(target, policy, wanted_at, auth).await, credential)
+    }
+
+    /// Reads every pull Secret in use again (each once). A namespace whose Secret is gone or
+    /// holds no credentials is unbound; one whose credentials changed is unbound and its image
+    /// checked (or pulled) with the new ones. A Secret that cannot be read (API server down)
+    /// changes nothing: the registry's answer for the credentials is still re-checked.
+    pub async fn recheck_secrets(&self) {
+        let targets: Vec<(Target, SecretRef)> = {
+            let s = self.lock();
+            s.targets.keys().filter_map(|t| t.secret.clone().map(|secret| (t.clone(), secret))).collect()
+        };
+        let mut configs: BTreeMap<SecretRef, Result<Option<Vec<u8>>, String>> = BTreeMap::new();
+        for (_, secret) in &targets {
+            if !configs.contains_key(secret) {
+                let config = self.inner.secrets.docker_config(&secret.namespace, &secret.name).await;
+                configs.insert(secret.clone(), config);
+            }
+        }
+        let mut to_start = vec![];
+        {
+            let mut s = self.lock();
+            for (target, secret) in targets {
+                let Some(config) = configs.get(&secret) else { continue };
+                let Some(t) = s.targets.get_mut(&target) else { continue };
+                match auth_from(&secret, &target.image, config.clone()) {
+                    Ok(auth) if t.credential.as_ref() == Some(&auth) => {}
+                    Ok(_) => {
+                        tracing::info!(image = %target.image, secret = %format!("{}/{}", secret.namespace, secret.name), "pull secret changed; checking the new credentials");
+                        if t.status == TargetStatus::Ready {
+                            t.status = TargetStatus::Pending;
+                        }
+                        t.credential = None;
+                        t.wanted += 1;
+                        t.wanted_at = Instant::now();
+                        if !t.running {
+                            t.running = true;
+                            to_start.push(target);
+                        }
+                    }
+                    Err(Attempt::NoSecret(e)) if t.credential.is_some() || t.status == TargetStatus::Ready => {
+                        tracing::warn!(image = %target.image, error = %e, "pull secret gone; namespace unbound");
+                        t.status = TargetStatus::Failed(e);
+                        t.credential = None;
+                    }
+                    Err(Attempt::Retry(e)) => {
+                        tracing::warn!(image = %target.image, error = %e, "pull secret not read again; keeping what it gave");
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        self.publish_bindings();
+        for target in to_start {
+            self.spawn(target);
+        }
     }
 
     async fn attempt_with(
@@ -762,6 +854,24 @@ impl Prefetcher {
             Err(FetchError::Transient(e)) => Attempt::Retry(e),
         }
     }
+}
+
+/// The credentials `secret` (its `docker_config` read as `config`) gives for `image`.
+fn auth_from(
+    secret: &SecretRef,
+    image: &str,
+    config: Result<Option<Vec<u8>>, String>,
+) -> Result<RegistryAuth, Attempt> {
+    let name = format!("{}/{}", secret.namespace, secret.name);
+    let config = match config {
+        Ok(Some(c)) => c,
+        Ok(None) => return Err(Attempt::NoSecret(format!("pull secret {name} not found"))),
+        Err(e) => return Err(Attempt::Retry(format!("pull secret {name}: {e}"))),
+    };
+    let auths =
+        auth::parse_docker_config(&config).map_err(|e| Attempt::NoSecret(format!("pull secret {name}: {e}")))?;
+    let reference = parse_reference(image).map_err(|e| Attempt::GiveUp(e.to_string()))?;
+    Ok(auth::for_registry(&auths, reference.resolve_registry()))
 }
 
 /// Parses every document of a (multi-document) YAML or JSON text.
