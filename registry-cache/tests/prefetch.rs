@@ -121,7 +121,7 @@ async fn directory_scans_behave_like_watch_events() {
     let mut scanner = Scanner::new(vec![dir.path().to_path_buf()]);
 
     scanner.sync(&p, &secrets);
-    tokio::time::timeout(Duration::from_secs(10), p.wait_ready()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), p.wait_settled()).await.unwrap();
     let alice = RegistryAuth::Basic("alice".into(), "pw".into());
     assert_eq!(fetcher.pulls_of(PRIVATE), vec![alice.clone()]);
     assert_eq!(outcomes.lock().unwrap().as_slice(), &[(PRIVATE.to_string(), alice, true)]);
@@ -163,7 +163,7 @@ async fn the_directory_is_rescanned_on_an_interval() {
     let secrets = FileSecrets::default();
     let (p, _) = prefetcher(&fetcher, secrets.clone(), &[files::SOURCE]);
     let task = tokio::spawn(files::run(vec![dir.path().to_path_buf()], Duration::from_millis(50), p.clone(), secrets));
-    tokio::time::timeout(Duration::from_secs(10), p.wait_ready()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), p.wait_settled()).await.unwrap();
     assert!(p.desired_images().is_empty());
     write(dir.path(), "a.yml", &policy_yaml("default", "a", "ghcr.io/example/a:v1", ""));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -193,7 +193,7 @@ async fn always_repulls_on_change_if_not_present_does_not() {
     let always = "ghcr.io/example/edge"; // no tag: `:latest`, Always
     let pinned = "ghcr.io/example/pinned:v1";
     p.resync("test", vec![record("ns", "a", "1", always, ""), record("ns", "b", "1", pinned, "")]);
-    p.wait_ready().await;
+    p.wait_settled().await;
     p.wait_idle().await;
     p.upsert("test", record("ns", "a", "2", always, ""));
     p.upsert("test", record("ns", "b", "2", pinned, ""));
@@ -260,7 +260,7 @@ async fn one_pull_per_image_and_credential() {
             ),
         ],
     );
-    tokio::time::timeout(Duration::from_secs(10), p.wait_ready()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), p.wait_settled()).await.unwrap();
     p.wait_idle().await;
     assert_eq!(fetcher.pulls_of("ghcr.io/example/shared:v1"), vec![RegistryAuth::Anonymous]);
     let mut private = fetcher.pulls_of(PRIVATE);
@@ -276,25 +276,34 @@ async fn one_pull_per_image_and_credential() {
 }
 
 #[tokio::test]
-async fn failures_are_retried_with_backoff_and_do_not_hold_readiness_forever() {
+async fn failures_are_retried_with_backoff_and_reported_and_the_initial_sync_settles() {
     let fetcher = Arc::new(CountingFetcher { fail_first: AtomicU32::new(2), ..Default::default() });
     let (p, _) = prefetcher(&fetcher, FileSecrets::default(), &["test"]);
     p.resync("test", vec![record("ns", "a", "1", "ghcr.io/example/flaky:v1", "")]);
-    p.wait_ready().await;
+    p.wait_settled().await;
     p.wait_idle().await;
     assert_eq!(fetcher.pulls_of("ghcr.io/example/flaky:v1").len(), 3, "two failures, then success");
     assert_eq!(p.desired().values().next(), Some(&TargetStatus::Ready));
+    let report = p.report();
+    assert_eq!((report.targets[0].failures, &report.targets[0].last_error), (0, &None), "a success clears failures");
+    assert_eq!(report.targets[0].policies, vec!["ns/a".to_string()]);
 
-    // Never succeeding: ready after `settle_attempts` failures, retries go on.
+    // Never succeeding: settled after `settle_attempts` failures, retries go on, and the
+    // failures are reported for the image.
     let fetcher = Arc::new(CountingFetcher { fail_first: AtomicU32::new(u32::MAX), ..Default::default() });
     let (p, _) = prefetcher(&fetcher, FileSecrets::default(), &["test"]);
     p.resync("test", vec![record("ns", "a", "1", "ghcr.io/example/down:v1", "")]);
-    tokio::time::timeout(Duration::from_secs(10), p.wait_ready()).await.unwrap();
-    let after_ready = fetcher.total();
-    assert!(after_ready >= 3);
+    tokio::time::timeout(Duration::from_secs(10), p.wait_settled()).await.unwrap();
+    let after_settled = fetcher.total();
+    assert!(after_settled >= 3);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(fetcher.total() > after_ready, "still retrying in the background");
+    assert!(fetcher.total() > after_settled, "still retrying in the background");
     assert!(matches!(p.desired().values().next(), Some(TargetStatus::Failed(_))));
+    let report = p.report();
+    assert!(report.initial_sync_settled);
+    assert_eq!(report.targets.len(), 1);
+    assert!(report.targets[0].failures >= 3, "{report:?}");
+    assert_eq!(report.targets[0].last_error.as_deref(), Some("registry unavailable"));
     // Gone from the desired set: retries stop.
     p.resync("test", vec![]);
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -322,7 +331,7 @@ async fn denied_and_missing_secrets() {
             record("a", "p2", "1", "ghcr.io/example/other:v1", "        pullSecretRef:\n          name: missing\n"),
         ],
     );
-    tokio::time::timeout(Duration::from_secs(10), p.wait_ready()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), p.wait_settled()).await.unwrap();
     // Denied: told to the permission layer, not retried.
     assert_eq!(fetcher.pulls_of(PRIVATE).len(), 1);
     let mallory = RegistryAuth::Basic("mallory".into(), "x".into());
@@ -374,7 +383,7 @@ async fn namespace_bindings_follow_policies_and_credentials() {
             record("b", "p3", "1", PRIVATE, one),
         ],
     );
-    p.wait_ready().await;
+    p.wait_settled().await;
     p.wait_idle().await;
     assert!(bound("a") && bound("b"), "{:?}", bindings.lock().unwrap());
 

@@ -297,8 +297,9 @@ pub struct PrefetchConfig {
     /// First retry delay; doubles per failure up to `max_backoff`.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
-    /// Readiness waits for an image of the initial sync until it is pulled or has failed this
-    /// many times; retries go on in the background.
+    /// The initial sync counts as settled ([`Prefetcher::settled`], `/status`, metrics) once
+    /// each of its images is pulled or has failed this many times; retries go on regardless.
+    /// Readiness does not wait for it.
     pub settle_attempts: u32,
 }
 
@@ -344,6 +345,32 @@ struct TargetState {
     last_ok: Option<Instant>,
     /// The credentials the last definitive outcome was for: the secret's content may change.
     credential: Option<[u8; 32]>,
+    /// Failed attempts since the last success, and the last one's error.
+    failures: u32,
+    last_error: Option<String>,
+}
+
+/// One target as `/status` and the metrics report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetReport {
+    pub target: Target,
+    /// Ready: cached and, with a pull secret, confirmed readable with it. Stays Ready while
+    /// later refreshes fail (the cached module is still served); `failures` tells.
+    pub status: TargetStatus,
+    /// Failed attempts since the last success.
+    pub failures: u32,
+    pub last_error: Option<String>,
+    /// `namespace/name` of the policies naming the target.
+    pub policies: Vec<String>,
+}
+
+/// What the pre-puller is doing, for `/status` and the metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefetchReport {
+    /// Every source delivered its initial sync, and each of its images was pulled or failed
+    /// `settle_attempts` times.
+    pub initial_sync_settled: bool,
+    pub targets: Vec<TargetReport>,
 }
 
 struct State {
@@ -365,7 +392,7 @@ struct Inner {
     state: Mutex<State>,
     /// Last successful pull per (image, credential hash): targets that share credentials share pulls.
     pulled: Mutex<HashMap<(String, [u8; 32]), PullSlot>>,
-    ready: watch::Sender<bool>,
+    settled: watch::Sender<bool>,
     /// The bindings last sent to the hook.
     bindings: Mutex<Option<Bindings>>,
 }
@@ -383,7 +410,7 @@ enum Attempt {
 }
 
 impl Prefetcher {
-    /// A pre-puller that becomes ready once each of `sources` has delivered its initial sync
+    /// A pre-puller that becomes settled once each of `sources` has delivered its initial sync
     /// and every image in it has settled. Must be created inside a Tokio runtime.
     pub fn new(
         config: PrefetchConfig,
@@ -392,7 +419,7 @@ impl Prefetcher {
         hook: AccessHook,
         sources: &[&str],
     ) -> Self {
-        let (ready, _) = watch::channel(false);
+        let (settled, _) = watch::channel(false);
         let permits = Semaphore::new(config.concurrency.max(1));
         let state = State {
             policies: BTreeMap::new(),
@@ -408,7 +435,7 @@ impl Prefetcher {
                 permits,
                 state: Mutex::new(state),
                 pulled: Mutex::default(),
-                ready,
+                settled,
                 bindings: Mutex::default(),
             }),
         };
@@ -424,7 +451,7 @@ impl Prefetcher {
                 }
             });
         }
-        this.check_ready();
+        this.check_settled();
         this
     }
 
@@ -451,7 +478,7 @@ impl Prefetcher {
             }
             s.pending_sources.remove(source);
         });
-        self.check_ready();
+        self.check_settled();
     }
 
     /// Every target of every known policy, with its status.
@@ -464,14 +491,43 @@ impl Prefetcher {
         self.lock().targets.keys().map(|t| t.image.clone()).collect()
     }
 
-    /// Becomes true once, after every source's initial sync has been pre-pulled.
-    pub fn ready(&self) -> watch::Receiver<bool> {
-        self.inner.ready.subscribe()
+    /// Becomes true once, after every source's initial sync has been pre-pulled (or each of
+    /// its images failed `settle_attempts` times).
+    pub fn settled(&self) -> watch::Receiver<bool> {
+        self.inner.settled.subscribe()
     }
 
-    pub async fn wait_ready(&self) {
-        let mut rx = self.ready();
+    pub async fn wait_settled(&self) {
+        let mut rx = self.settled();
         let _ = rx.wait_for(|r| *r).await;
+    }
+
+    /// Every target with its status, failures and the policies naming it.
+    pub fn report(&self) -> PrefetchReport {
+        let s = self.lock();
+        let mut naming: BTreeMap<Target, Vec<String>> = BTreeMap::new();
+        for p in s.policies.values() {
+            for img in &p.images {
+                let target = Target { image: img.image.clone(), secret: img.pull_secret.clone() };
+                let names = naming.entry(target).or_default();
+                let name = format!("{}/{}", p.namespace, p.name);
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+        let targets = s
+            .targets
+            .iter()
+            .map(|(target, t)| TargetReport {
+                target: target.clone(),
+                status: t.status.clone(),
+                failures: t.failures,
+                last_error: t.last_error.clone(),
+                policies: naming.remove(target).unwrap_or_default(),
+            })
+            .collect();
+        PrefetchReport { initial_sync_settled: *self.inner.settled.borrow(), targets }
     }
 
     /// Waits until no pull is running or wanted (tests, and orderly shutdown).
@@ -550,6 +606,8 @@ impl Prefetcher {
                     status: TargetStatus::Pending,
                     last_ok: None,
                     credential: None,
+                    failures: 0,
+                    last_error: None,
                 });
                 let fresh = state.wanted == 0;
                 let became_always = policy == PullPolicy::Always && state.policy != PullPolicy::Always;
@@ -571,17 +629,17 @@ impl Prefetcher {
         for target in to_start {
             self.spawn(target);
         }
-        self.check_ready();
+        self.check_settled();
     }
 
-    fn check_ready(&self) {
-        let ready = {
+    fn check_settled(&self) {
+        let settled = {
             let s = self.lock();
             s.pending_sources.is_empty() && s.targets.values().all(|t| t.settled)
         };
-        if ready && !*self.inner.ready.borrow() {
-            tracing::info!("initial sync pre-pulled; ready");
-            self.inner.ready.send_replace(true);
+        if settled && !*self.inner.settled.borrow() {
+            tracing::info!("initial sync pre-pulled");
+            self.inner.settled.send_replace(true);
         }
     }
 
@@ -602,7 +660,7 @@ impl Prefetcher {
             let (attempt, credential) = self.attempt(&target, policy, wanted_at).await;
             let next = self.record_attempt(&target, generation, attempt, credential, &mut failures);
             self.publish_bindings();
-            self.check_ready();
+            self.check_settled();
             match next {
                 None => return,
                 Some(delay) if !delay.is_zero() => tokio::time::sleep(delay).await,
@@ -631,16 +689,22 @@ impl Prefetcher {
                 t.last_ok = Some(Instant::now());
                 t.settled = true;
                 t.credential = credential;
+                t.failures = 0;
+                t.last_error = None;
                 *failures = 0;
             }
             Attempt::GiveUp(e) => {
                 tracing::warn!(image = %target.image, error = %e, "not pre-pulled");
+                t.failures += 1;
+                t.last_error = Some(e.clone());
                 t.status = TargetStatus::Failed(e);
                 t.settled = true;
                 t.credential = None;
             }
             Attempt::Retry(e) => {
                 *failures += 1;
+                t.failures += 1;
+                t.last_error = Some(e.clone());
                 tracing::warn!(image = %target.image, error = %e, failures = *failures, "pre-pull failed; retrying");
                 if t.status != TargetStatus::Ready {
                     t.status = TargetStatus::Failed(e);
