@@ -435,7 +435,12 @@ async fn wasm_file(
             s.count("wasm", "served");
             blob_response(&Method::GET, bytes, &digest, "application/wasm")
         }
-        _ => (StatusCode::NOT_FOUND, "not found").into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, "not found").into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, %digest, "refusing to serve a corrupt module");
+            s.count("wasm", "corrupt");
+            (StatusCode::NOT_FOUND, "not found").into_response()
+        }
     }
 }
 

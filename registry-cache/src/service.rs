@@ -47,6 +47,11 @@ impl Service {
     pub async fn start(options: ServiceOptions) -> anyhow::Result<Self> {
         let cache = Arc::new(Cache::open(&options.cache_dir, options.max_cache_bytes)?);
         drop_unverified(&cache, &options.pull.require_signature)?;
+        // Entries dropped for a corrupt blob found while serving, to be pulled again.
+        let (corrupt_tx, mut corrupt_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<String>>();
+        cache.on_corrupt(move |references| {
+            let _ = corrupt_tx.send(references);
+        });
         let mut tasks = vec![];
         if let Some(signer) = options.signer.clone() {
             // What an earlier run cached without a key; new artifacts are signed as they come.
@@ -75,6 +80,12 @@ impl Service {
         let prefetcher = sources::start(&options.settings, fetcher, hook).await?;
         if let Some(prefetcher) = &prefetcher {
             state.report_prefetcher(prefetcher.clone());
+            let prefetcher = prefetcher.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Some(references) = corrupt_rx.recv().await {
+                    prefetcher.repull(&references);
+                }
+            }));
         }
         Ok(Self { state, prefetcher, tasks })
     }

@@ -23,6 +23,8 @@ struct CountingFetcher {
     /// Pulls of these images are refused as unauthorized.
     denied: Mutex<BTreeSet<String>>,
     delay: Option<Duration>,
+    /// Every in-use set the cache was told, in order.
+    in_use: Mutex<Vec<Option<BTreeSet<String>>>>,
 }
 
 impl CountingFetcher {
@@ -32,6 +34,10 @@ impl CountingFetcher {
 
     fn total(&self) -> usize {
         self.pulls.lock().unwrap().len()
+    }
+
+    fn last_in_use(&self) -> Option<Option<BTreeSet<String>>> {
+        self.in_use.lock().unwrap().last().cloned()
     }
 }
 
@@ -61,6 +67,10 @@ impl ImageFetcher for CountingFetcher {
     fn can_read<'a>(&'a self, image: &'a str, _auth: &'a RegistryAuth) -> BoxFuture<'a, Result<bool, String>> {
         let allowed = !self.denied.lock().unwrap().contains(image);
         Box::pin(async move { Ok(allowed) })
+    }
+
+    fn set_in_use(&self, images: Option<&BTreeSet<String>>) {
+        self.in_use.lock().unwrap().push(images.cloned());
     }
 }
 
@@ -404,4 +414,35 @@ async fn namespace_bindings_follow_policies_and_credentials() {
     p.upsert("t", record("d", "p5", "1", "registry.example.com/team-a/auth:v4", one));
     p.wait_idle().await;
     assert!(!bound("d"));
+}
+
+#[tokio::test]
+async fn the_cache_is_told_what_policies_use_and_what_it_dropped_is_pulled_again() {
+    let fetcher = Arc::new(CountingFetcher::default());
+    let (p, _) = prefetcher(&fetcher, FileSecrets::default(), &["a", "b"]);
+    let (x, y) = ("ghcr.io/example/x:v1", "ghcr.io/example/y:v1");
+    assert_eq!(fetcher.last_in_use(), Some(None), "nothing may be evicted before the sources synced");
+    p.resync("a", vec![record("ns", "x", "1", x, "")]);
+    assert_eq!(fetcher.last_in_use(), Some(None), "source b has not synced: its policies are unknown");
+    p.resync("b", vec![record("ns", "y", "1", y, "")]);
+    let both: BTreeSet<String> = [x.to_string(), y.to_string()].into();
+    assert_eq!(fetcher.last_in_use(), Some(Some(both)));
+    p.wait_settled().await;
+    p.wait_idle().await;
+    p.delete("b", "ns", "y");
+    assert_eq!(fetcher.last_in_use(), Some(Some([x.to_string()].into())), "y is no longer in use");
+    assert_eq!(fetcher.pulls_of(x).len(), 1);
+
+    // The cache dropped x (a corrupt blob): IfNotPresent or not, it is pulled again.
+    fetcher.cached.lock().unwrap().remove(x);
+    let whole = registry_cache::pull::parse_reference(x).unwrap().whole();
+    p.repull(&[whole, "ghcr.io/example/unrelated:v1".into()]);
+    let repulled = harness::eventually(Duration::from_secs(10), || async { fetcher.pulls_of(x).len() == 2 }).await;
+    assert!(repulled, "{:?}", fetcher.pulls_of(x));
+    p.wait_idle().await;
+    assert_eq!(fetcher.total(), 3, "x twice, y once: nothing else");
+    assert_eq!(
+        p.desired().get(&registry_cache::sources::Target { image: x.into(), secret: None }),
+        Some(&TargetStatus::Ready)
+    );
 }

@@ -40,7 +40,7 @@ pub mod files;
 pub mod kubernetes;
 
 use crate::auth;
-use crate::cache::Cache;
+use crate::cache::{Cache, InUse};
 use crate::permissions::{credential_hash, repository_of};
 use crate::publish;
 use crate::pull::{parse_reference, PullError, Puller};
@@ -201,6 +201,9 @@ pub trait ImageFetcher: Send + Sync + 'static {
     fn pull<'a>(&'a self, image: &'a str, auth: &'a RegistryAuth) -> BoxFuture<'a, Result<(), FetchError>>;
     /// Whether `auth` may read `image` upstream, without pulling it.
     fn can_read<'a>(&'a self, image: &'a str, auth: &'a RegistryAuth) -> BoxFuture<'a, Result<bool, String>>;
+    /// The images active policies name, which the cache must not evict; `None` while not
+    /// known yet (a source has not synced), when nothing may be evicted.
+    fn set_in_use(&self, _images: Option<&BTreeSet<String>>) {}
 }
 
 /// Where pull secrets come from: `Api<Secret>` in Kubernetes, Secret manifests on disk.
@@ -284,6 +287,16 @@ impl ImageFetcher for RegistryFetcher {
 
     fn can_read<'a>(&'a self, image: &'a str, auth: &'a RegistryAuth) -> BoxFuture<'a, Result<bool, String>> {
         Box::pin(self.puller.can_read(image, auth))
+    }
+
+    fn set_in_use(&self, images: Option<&BTreeSet<String>>) {
+        let in_use = match images {
+            Some(images) => {
+                InUse::Only(images.iter().filter_map(|i| parse_reference(i).ok()).map(|r| r.whole()).collect())
+            }
+            None => InUse::All,
+        };
+        self.cache.set_in_use(in_use);
     }
 }
 
@@ -451,8 +464,45 @@ impl Prefetcher {
                 }
             });
         }
+        this.publish_in_use(&this.lock());
         this.check_settled();
         this
+    }
+
+    /// Tells the fetcher which images are in use. Called under the state lock, so that the
+    /// last set told is the current one.
+    fn publish_in_use(&self, s: &State) {
+        if s.pending_sources.is_empty() {
+            let images: BTreeSet<String> = s.targets.keys().map(|t| t.image.clone()).collect();
+            self.inner.fetcher.set_in_use(Some(&images));
+        } else {
+            self.inner.fetcher.set_in_use(None);
+        }
+    }
+
+    /// Pulls again the targets whose image is one of `references` (normalised as the cache
+    /// records them), e.g. after the cache dropped them for a corrupt blob.
+    pub fn repull(&self, references: &[String]) {
+        let mut to_start = vec![];
+        {
+            let mut s = self.lock();
+            for (target, t) in s.targets.iter_mut() {
+                let whole = parse_reference(&target.image).map(|r| r.whole());
+                if !whole.is_ok_and(|w| references.contains(&w)) {
+                    continue;
+                }
+                tracing::info!(image = %target.image, "pulling again");
+                t.wanted += 1;
+                t.wanted_at = Instant::now();
+                if !t.running {
+                    t.running = true;
+                    to_start.push(target.clone());
+                }
+            }
+        }
+        for target in to_start {
+            self.spawn(target);
+        }
     }
 
     /// A policy appeared or changed.
@@ -624,6 +674,8 @@ impl Prefetcher {
                     }
                 }
             }
+            // Before any pull starts, so that none evicts what the policies now name.
+            self.publish_in_use(&s);
         }
         self.publish_bindings();
         for target in to_start {
