@@ -519,7 +519,8 @@ fn rbac_grants_only_what_the_service_uses() -> anyhow::Result<()> {
         ("gateway.envoyproxy.io", "envoyextensionpolicies", "get"),
         ("gateway.envoyproxy.io", "envoyextensionpolicies", "list"),
         ("gateway.envoyproxy.io", "envoyextensionpolicies", "watch"),
-        // Only the pull Secrets that policies name, by name: never list or watch every Secret.
+        // `get` reads any Secret by name (deploy/README.md says so); list and watch would
+        // also enumerate them all, and are not granted.
         ("", "secrets", "get"),
     ]
     .into_iter()
