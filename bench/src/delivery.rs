@@ -105,7 +105,7 @@ pub async fn deliver(
         url_key: random_bytes(32)?,
     })
     .await?;
-    service.wait_ready().await;
+    service.wait_settled().await;
     let entry =
         service.state.cache.lookup(&registry_cache::pull::parse_reference(&image)?.whole()).with_context(|| {
             format!("registry-cache did not pre-pull {image}: {:?}", service.prefetcher.as_ref().map(|p| p.desired()))

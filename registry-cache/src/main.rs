@@ -182,7 +182,7 @@ enum Command {
         #[arg(long)]
         url_key: Option<PathBuf>,
     },
-    /// Serve the cache: OCI distribution API (read-only), /wasm/<sha256>.wasm, /metrics, /healthz, /readyz.
+    /// Serve the cache: OCI distribution API (read-only), /wasm/<sha256>.wasm, /metrics, /status, /healthz, /readyz.
     Serve {
         #[arg(long)]
         cache_dir: PathBuf,

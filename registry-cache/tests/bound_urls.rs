@@ -82,7 +82,9 @@ async fn setup() -> Setup {
     })
     .await
     .expect("start");
-    tokio::time::timeout(Duration::from_secs(120), service.wait_ready()).await.expect("ready within two minutes");
+    tokio::time::timeout(Duration::from_secs(120), service.wait_settled())
+        .await
+        .expect("initial sync settled within two minutes");
     let entry = service.state.cache.lookup(&image).expect("pre-pulled");
     assert!(entry.private, "pulled with the pull secret");
     let addr = common::serve(std::sync::Arc::clone(&service.state)).await;

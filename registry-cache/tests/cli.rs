@@ -77,11 +77,18 @@ async fn push_serve_render_fetch_verify_and_stop() {
         .spawn()
         .expect("serve");
     let base = format!("http://{listen}");
-    let ready = harness::eventually(Duration::from_secs(60), || async {
-        reqwest::get(format!("{base}/readyz")).await.is_ok_and(|r| r.status() == 200)
+    // `/readyz` says only that serve serves; `/status` says the image is pulled and the
+    // namespace's pull secret confirmed.
+    let pulled = harness::eventually(Duration::from_secs(60), || async {
+        let Ok(r) = reqwest::get(format!("{base}/status")).await else { return false };
+        let status: serde_json::Value = serde_json::from_str(&r.text().await.unwrap_or_default()).unwrap_or_default();
+        status["targets"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["image"] == image.as_str() && t["status"] == "ready"))
     })
     .await;
-    assert!(ready, "serve never became ready");
+    assert!(pulled, "serve never pre-pulled {image}");
+    assert_eq!(reqwest::get(format!("{base}/readyz")).await.expect("readyz").status(), 200);
 
     // verify reads the cache serve is writing, and the artifact was signed as it was cached.
     let (ok, out, err) = run(&["verify", "--cache-dir", s(&cache), "--key", s(&pub_file)]).await;

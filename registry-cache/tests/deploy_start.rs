@@ -1,7 +1,8 @@
 //! `deploy/` as shipped must start: render it with `kubectl kustomize`, lay out the files
 //! exactly as the kubelet would mount them (a Secret volume with `items` holds those keys
-//! only), run the real binary with the rendered args, and wait for `/readyz`. The Kubernetes
-//! API it watches is a stand-in on loopback that lists no policies and keeps the watch open.
+//! only), run the real binary with the rendered args, and wait for `/readyz` and for `/status`
+//! to show the policy list read. The Kubernetes API it watches is a stand-in on loopback that
+//! lists no policies and keeps the watch open.
 
 use bytes::Bytes;
 use harness::envoy::workspace_root;
@@ -20,7 +21,7 @@ use tokio::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_registry-cache");
 
-fn rendered_deployment() -> Value {
+fn rendered_statefulset() -> Value {
     let kubectl = std::env::var_os("KUBECTL").unwrap_or_else(|| "kubectl".into());
     let out = std::process::Command::new(&kubectl)
         .arg("kustomize")
@@ -29,10 +30,10 @@ fn rendered_deployment() -> Value {
         .expect("kubectl kustomize (run scripts/setup.sh, or set KUBECTL)");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).expect("utf-8");
-    let deployment = serde_yaml_ng::Deserializer::from_str(&text)
+    let workload = serde_yaml_ng::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
-        .find(|d: &Value| d["kind"] == "Deployment");
-    deployment.expect("a Deployment")
+        .find(|d: &Value| d["kind"] == "StatefulSet");
+    workload.expect("a StatefulSet")
 }
 
 /// A Kubernetes API with no EnvoyExtensionPolicy: lists are empty, watches stay open.
@@ -67,12 +68,16 @@ fn user_secret(url_key: &[u8]) -> BTreeMap<String, Vec<u8>> {
     BTreeMap::from([("cosign.key".to_string(), key.into_bytes()), ("url.key".to_string(), url_key.to_vec())])
 }
 
-/// Mounts the pod's volumes under `root` as the kubelet would and returns the container's
-/// args with paths under `root`, listening on `listen`.
-fn lay_out(deployment: &Value, root: &Path, secret: &BTreeMap<String, Vec<u8>>, listen: &str) -> Vec<String> {
-    let pod = &deployment["spec"]["template"]["spec"];
+/// Mounts the pod's volumes under `root` as the kubelet would (a claim from the StatefulSet's
+/// volumeClaimTemplates as an empty directory) and returns the container's args with paths
+/// under `root`, listening on `listen`.
+fn lay_out(workload: &Value, root: &Path, secret: &BTreeMap<String, Vec<u8>>, listen: &str) -> Vec<String> {
+    let pod = &workload["spec"]["template"]["spec"];
     let container = &pod["containers"][0];
-    let volumes = pod["volumes"].as_array().cloned().unwrap_or_default();
+    let mut volumes = pod["volumes"].as_array().cloned().unwrap_or_default();
+    for claim in workload["spec"]["volumeClaimTemplates"].as_array().cloned().unwrap_or_default() {
+        volumes.push(serde_json::json!({"name": claim["metadata"]["name"], "persistentVolumeClaim": {}}));
+    }
     let mut mounts = vec![];
     for m in container["volumeMounts"].as_array().cloned().unwrap_or_default() {
         let path = m["mountPath"].as_str().expect("mountPath").to_string();
@@ -138,17 +143,21 @@ fn serve(args: &[String], kubeconfig: &Path) -> Command {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_shipped_deployment_starts_and_becomes_ready() {
+async fn the_shipped_statefulset_starts_and_becomes_ready() {
     let dir = tempfile::tempdir().expect("tempdir");
     let api = empty_api_server().await;
     let kubeconfig = kubeconfig(dir.path(), api);
     let listen = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").to_string();
     let root = dir.path().join("pod");
-    let args = lay_out(&rendered_deployment(), &root, &user_secret(&[0x5a; 32]), &listen);
+    let args = lay_out(&rendered_statefulset(), &root, &user_secret(&[0x5a; 32]), &listen);
     let mut child = serve(&args, &kubeconfig).spawn().expect("registry-cache");
     let client = reqwest::Client::new();
+    // Ready, and the policy list (empty) read from the API server with the rendered args.
     let ready = harness::eventually(Duration::from_secs(60), || async {
-        client.get(format!("http://{listen}/readyz")).send().await.is_ok_and(|r| r.status() == 200)
+        let ready = client.get(format!("http://{listen}/readyz")).send().await.is_ok_and(|r| r.status() == 200);
+        let Ok(status) = client.get(format!("http://{listen}/status")).send().await else { return false };
+        let status: Value = serde_json::from_str(&status.text().await.unwrap_or_default()).unwrap_or_default();
+        ready && status["policySources"] == true && status["initialSyncSettled"] == true
     })
     .await;
     if !ready {
@@ -169,7 +178,7 @@ async fn the_example_secrets_placeholder_url_key_is_refused() {
     assert!(placeholder.len() >= 32, "long enough to pass a length check: that is the point");
     let kubeconfig = kubeconfig(dir.path(), empty_api_server().await);
     let listen = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").to_string();
-    let args = lay_out(&rendered_deployment(), &dir.path().join("pod"), &user_secret(&placeholder), &listen);
+    let args = lay_out(&rendered_statefulset(), &dir.path().join("pod"), &user_secret(&placeholder), &listen);
     let out = tokio::time::timeout(Duration::from_secs(30), serve(&args, &kubeconfig).output())
         .await
         .expect("exits at once")

@@ -314,9 +314,9 @@ async fn list_watch_bookmark_gone_relist() {
         &[("/api/v1/namespaces/team-a/secrets/regcred", "secret-team-a-regcred.json")],
     );
     let h = start(replay);
-    tokio::time::timeout(Duration::from_secs(30), h.prefetcher.wait_ready())
+    tokio::time::timeout(Duration::from_secs(30), h.prefetcher.wait_settled())
         .await
-        .expect("ready after the initial list");
+        .expect("settled after the initial list");
     h.replay.played().await;
     h.prefetcher.wait_idle().await;
 
@@ -364,7 +364,7 @@ async fn modified_and_deleted_events() {
     let h = start(replay);
     h.replay.played().await;
     h.prefetcher.wait_idle().await;
-    assert!(*h.prefetcher.ready().borrow());
+    assert!(*h.prefetcher.settled().borrow());
     assert_eq!(h.prefetcher.desired_images(), BTreeSet::from(["ghcr.io/example/edge:latest".to_string()]));
     // `:latest` defaults to Always: the MODIFIED event (new resourceVersion) pulled it again.
     assert_eq!(h.fetcher.pulls_of("ghcr.io/example/edge:latest").len(), 2);

@@ -12,7 +12,7 @@
 //!   alwaysRefreshSeconds: 300  # re-pull period of `Always` images; 0 disables
 //!   initialBackoffMillis: 1000
 //!   maxBackoffSeconds: 300
-//!   settleAttempts: 3          # readiness waits at most this many failed attempts per image
+//!   settleAttempts: 3          # initialSyncSettled (/status, metrics) waits at most this many failures per image
 //!   secretRecheckSeconds: 60   # pull Secrets are read again this often; a deleted one unbinds
 //! ```
 //!

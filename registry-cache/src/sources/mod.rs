@@ -50,7 +50,7 @@ pub mod files;
 pub mod kubernetes;
 
 use crate::auth;
-use crate::cache::Cache;
+use crate::cache::{Cache, InUse};
 use crate::permissions::{credential_hash, repository_of, BoundCredential};
 use crate::publish;
 use crate::pull::{parse_reference, PullError, Puller};
@@ -211,6 +211,9 @@ pub trait ImageFetcher: Send + Sync + 'static {
     fn pull<'a>(&'a self, image: &'a str, auth: &'a RegistryAuth) -> BoxFuture<'a, Result<(), FetchError>>;
     /// Whether `auth` may read `image` upstream, without pulling it.
     fn can_read<'a>(&'a self, image: &'a str, auth: &'a RegistryAuth) -> BoxFuture<'a, Result<bool, String>>;
+    /// The images active policies name, which the cache must not evict; `None` while not
+    /// known yet (a source has not synced), when nothing may be evicted.
+    fn set_in_use(&self, _images: Option<&BTreeSet<String>>) {}
 }
 
 /// Where pull secrets come from: `Api<Secret>` in Kubernetes, Secret manifests on disk.
@@ -295,6 +298,16 @@ impl ImageFetcher for RegistryFetcher {
     fn can_read<'a>(&'a self, image: &'a str, auth: &'a RegistryAuth) -> BoxFuture<'a, Result<bool, String>> {
         Box::pin(self.puller.can_read(image, auth))
     }
+
+    fn set_in_use(&self, images: Option<&BTreeSet<String>>) {
+        let in_use = match images {
+            Some(images) => {
+                InUse::Only(images.iter().filter_map(|i| parse_reference(i).ok()).map(|r| r.whole()).collect())
+            }
+            None => InUse::All,
+        };
+        self.cache.set_in_use(in_use);
+    }
 }
 
 /// Tuning of the pre-puller.
@@ -307,8 +320,9 @@ pub struct PrefetchConfig {
     /// First retry delay; doubles per failure up to `max_backoff`.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
-    /// Readiness waits for an image of the initial sync until it is pulled or has failed this
-    /// many times; retries go on in the background.
+    /// The initial sync counts as settled ([`Prefetcher::settled`], `/status`, metrics) once
+    /// each of its images is pulled or has failed this many times; retries go on regardless.
+    /// Readiness does not wait for it.
     pub settle_attempts: u32,
     /// Period of reading every pull Secret in use again, so that a deleted or changed Secret
     /// unbinds its namespace.
@@ -359,6 +373,33 @@ struct TargetState {
     /// The credentials the last definitive outcome (pulled, checked, refused) was for; None
     /// when the secret could not be read. The secret's content may change.
     credential: Option<RegistryAuth>,
+    /// Failed attempts since the last success, and the last one's error.
+    failures: u32,
+    last_error: Option<String>,
+}
+
+/// One target as `/status` and the metrics report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetReport {
+    pub target: Target,
+    /// Ready: cached and, with a pull secret, confirmed readable with it. Stays Ready while
+    /// later refreshes fail (the cached module is still served); `failures` tells. A pull
+    /// secret found gone or empty makes it Failed (its namespace is unbound).
+    pub status: TargetStatus,
+    /// Failed attempts since the last success.
+    pub failures: u32,
+    pub last_error: Option<String>,
+    /// `namespace/name` of the policies naming the target.
+    pub policies: Vec<String>,
+}
+
+/// What the pre-puller is doing, for `/status` and the metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefetchReport {
+    /// Every source delivered its initial sync, and each of its images was pulled or failed
+    /// `settle_attempts` times.
+    pub initial_sync_settled: bool,
+    pub targets: Vec<TargetReport>,
 }
 
 struct State {
@@ -380,7 +421,7 @@ struct Inner {
     state: Mutex<State>,
     /// Last successful pull per (image, credential hash): targets that share credentials share pulls.
     pulled: Mutex<HashMap<(String, [u8; 32]), PullSlot>>,
-    ready: watch::Sender<bool>,
+    settled: watch::Sender<bool>,
     /// The bindings last sent to the hook.
     bindings: Mutex<Option<Bindings>>,
 }
@@ -400,7 +441,7 @@ enum Attempt {
 }
 
 impl Prefetcher {
-    /// A pre-puller that becomes ready once each of `sources` has delivered its initial sync
+    /// A pre-puller that becomes settled once each of `sources` has delivered its initial sync
     /// and every image in it has settled. Must be created inside a Tokio runtime.
     pub fn new(
         config: PrefetchConfig,
@@ -409,7 +450,7 @@ impl Prefetcher {
         hook: AccessHook,
         sources: &[&str],
     ) -> Self {
-        let (ready, _) = watch::channel(false);
+        let (settled, _) = watch::channel(false);
         let permits = Semaphore::new(config.concurrency.max(1));
         let state = State {
             policies: BTreeMap::new(),
@@ -425,7 +466,7 @@ impl Prefetcher {
                 permits,
                 state: Mutex::new(state),
                 pulled: Mutex::default(),
-                ready,
+                settled,
                 bindings: Mutex::default(),
             }),
         };
@@ -454,8 +495,45 @@ impl Prefetcher {
                 }
             });
         }
-        this.check_ready();
+        this.publish_in_use(&this.lock());
+        this.check_settled();
         this
+    }
+
+    /// Tells the fetcher which images are in use. Called under the state lock, so that the
+    /// last set told is the current one.
+    fn publish_in_use(&self, s: &State) {
+        if s.pending_sources.is_empty() {
+            let images: BTreeSet<String> = s.targets.keys().map(|t| t.image.clone()).collect();
+            self.inner.fetcher.set_in_use(Some(&images));
+        } else {
+            self.inner.fetcher.set_in_use(None);
+        }
+    }
+
+    /// Pulls again the targets whose image is one of `references` (normalised as the cache
+    /// records them), e.g. after the cache dropped them for a corrupt blob.
+    pub fn repull(&self, references: &[String]) {
+        let mut to_start = vec![];
+        {
+            let mut s = self.lock();
+            for (target, t) in s.targets.iter_mut() {
+                let whole = parse_reference(&target.image).map(|r| r.whole());
+                if !whole.is_ok_and(|w| references.contains(&w)) {
+                    continue;
+                }
+                tracing::info!(image = %target.image, "pulling again");
+                t.wanted += 1;
+                t.wanted_at = Instant::now();
+                if !t.running {
+                    t.running = true;
+                    to_start.push(target.clone());
+                }
+            }
+        }
+        for target in to_start {
+            self.spawn(target);
+        }
     }
 
     /// A policy appeared or changed.
@@ -481,7 +559,7 @@ impl Prefetcher {
             }
             s.pending_sources.remove(source);
         });
-        self.check_ready();
+        self.check_settled();
     }
 
     /// Every target of every known policy, with its status.
@@ -494,14 +572,43 @@ impl Prefetcher {
         self.lock().targets.keys().map(|t| t.image.clone()).collect()
     }
 
-    /// Becomes true once, after every source's initial sync has been pre-pulled.
-    pub fn ready(&self) -> watch::Receiver<bool> {
-        self.inner.ready.subscribe()
+    /// Becomes true once, after every source's initial sync has been pre-pulled (or each of
+    /// its images failed `settle_attempts` times).
+    pub fn settled(&self) -> watch::Receiver<bool> {
+        self.inner.settled.subscribe()
     }
 
-    pub async fn wait_ready(&self) {
-        let mut rx = self.ready();
+    pub async fn wait_settled(&self) {
+        let mut rx = self.settled();
         let _ = rx.wait_for(|r| *r).await;
+    }
+
+    /// Every target with its status, failures and the policies naming it.
+    pub fn report(&self) -> PrefetchReport {
+        let s = self.lock();
+        let mut naming: BTreeMap<Target, Vec<String>> = BTreeMap::new();
+        for p in s.policies.values() {
+            for img in &p.images {
+                let target = Target { image: img.image.clone(), secret: img.pull_secret.clone() };
+                let names = naming.entry(target).or_default();
+                let name = format!("{}/{}", p.namespace, p.name);
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+        let targets = s
+            .targets
+            .iter()
+            .map(|(target, t)| TargetReport {
+                target: target.clone(),
+                status: t.status.clone(),
+                failures: t.failures,
+                last_error: t.last_error.clone(),
+                policies: naming.remove(target).unwrap_or_default(),
+            })
+            .collect();
+        PrefetchReport { initial_sync_settled: *self.inner.settled.borrow(), targets }
     }
 
     /// Waits until no pull is running or wanted (tests, and orderly shutdown).
@@ -580,6 +687,8 @@ impl Prefetcher {
                     status: TargetStatus::Pending,
                     last_ok: None,
                     credential: None,
+                    failures: 0,
+                    last_error: None,
                 });
                 let fresh = state.wanted == 0;
                 let became_always = policy == PullPolicy::Always && state.policy != PullPolicy::Always;
@@ -596,22 +705,24 @@ impl Prefetcher {
                     }
                 }
             }
+            // Before any pull starts, so that none evicts what the policies now name.
+            self.publish_in_use(&s);
         }
         self.publish_bindings();
         for target in to_start {
             self.spawn(target);
         }
-        self.check_ready();
+        self.check_settled();
     }
 
-    fn check_ready(&self) {
-        let ready = {
+    fn check_settled(&self) {
+        let settled = {
             let s = self.lock();
             s.pending_sources.is_empty() && s.targets.values().all(|t| t.settled)
         };
-        if ready && !*self.inner.ready.borrow() {
-            tracing::info!("initial sync pre-pulled; ready");
-            self.inner.ready.send_replace(true);
+        if settled && !*self.inner.settled.borrow() {
+            tracing::info!("initial sync pre-pulled");
+            self.inner.settled.send_replace(true);
         }
     }
 
@@ -632,7 +743,7 @@ impl Prefetcher {
             let (attempt, credential) = self.attempt(&target, policy, wanted_at).await;
             let next = self.record_attempt(&target, generation, attempt, credential, &mut failures);
             self.publish_bindings();
-            self.check_ready();
+            self.check_settled();
             match next {
                 None => return,
                 Some(delay) if !delay.is_zero() => tokio::time::sleep(delay).await,
@@ -662,16 +773,22 @@ impl Prefetcher {
                 t.last_ok = Some(Instant::now());
                 t.settled = true;
                 t.credential = credential;
+                t.failures = 0;
+                t.last_error = None;
                 *failures = 0;
             }
             Attempt::GiveUp(e) => {
                 tracing::warn!(image = %target.image, error = %e, "not pre-pulled");
+                t.failures += 1;
+                t.last_error = Some(e.clone());
                 t.status = TargetStatus::Failed(e);
                 t.settled = true;
                 t.credential = credential;
             }
             Attempt::Retry(e) | Attempt::NoSecret(e) => {
                 *failures += 1;
+                t.failures += 1;
+                t.last_error = Some(e.clone());
                 tracing::warn!(image = %target.image, error = %e, failures = *failures, "pre-pull failed; retrying");
                 // A transient failure keeps what was pulled; a secret gone takes the binding.
                 if t.status != TargetStatus::Ready || no_secret {
@@ -786,6 +903,8 @@ impl Prefetcher {
                     }
                     Err(Attempt::NoSecret(e)) if t.credential.is_some() || t.status == TargetStatus::Ready => {
                         tracing::warn!(image = %target.image, error = %e, "pull secret gone; namespace unbound");
+                        t.failures += 1;
+                        t.last_error = Some(e.clone());
                         t.status = TargetStatus::Failed(e);
                         t.credential = None;
                     }

@@ -381,3 +381,89 @@ pub async fn answers(addr: SocketAddr) -> bool {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("client");
     client.get(format!("http://{addr}/")).send().await.is_ok_and(|r| r.status() == 200)
 }
+
+/// An EnvoyExtensionPolicy `namespace/name` naming `image`, with pull Secret `regcred` when
+/// `secret` is set, as a manifest for a policies directory.
+pub fn policy_yaml(namespace: &str, name: &str, image: &str, secret: bool) -> String {
+    let pull_secret = if secret { "\n          pullSecretRef:\n            name: regcred" } else { "" };
+    format!(
+        "apiVersion: gateway.envoyproxy.io/v1alpha1\nkind: EnvoyExtensionPolicy\nmetadata:\n  name: {name}\n  namespace: {namespace}\n\
+         spec:\n  targetRefs:\n    - group: gateway.networking.k8s.io\n      kind: HTTPRoute\n      name: backend\n\
+         \x20 wasm:\n    - name: {name}\n      code:\n        type: Image\n        image:\n          url: {image}{pull_secret}\n"
+    )
+}
+
+/// `serve` in-process: the service, its address, and the server task (aborted on drop).
+pub struct Serving {
+    pub service: registry_cache::service::Service,
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts a service reading policies from `policies_dir` (scanned every second) with `options`
+/// otherwise, and serves it on a free loopback port.
+pub async fn serve_service(mut options: registry_cache::service::ServiceOptions, policies_dir: &Path) -> Serving {
+    options.settings.sources.directories = vec![policies_dir.to_path_buf()];
+    options.settings.sources.rescan_seconds = 1;
+    let service = registry_cache::service::Service::start(options).await.expect("service");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = server::router(Arc::clone(&service.state));
+    let task = tokio::spawn(async move {
+        let _ = server::serve(listener, app, std::future::pending()).await;
+    });
+    Serving { service, addr, task }
+}
+
+/// `ServiceOptions` for a cache in `cache_dir` reaching `registries` over plain HTTP.
+pub fn service_options(
+    cache_dir: &Path,
+    registries: &[SocketAddr],
+    url_key: &[u8],
+) -> registry_cache::service::ServiceOptions {
+    registry_cache::service::ServiceOptions {
+        cache_dir: cache_dir.to_path_buf(),
+        max_cache_bytes: 1 << 30,
+        permission_ttl: Duration::from_secs(300),
+        pull: PullOptions {
+            insecure_registries: registries.iter().map(ToString::to_string).collect(),
+            ..PullOptions::default()
+        },
+        settings: registry_cache::sources::config::Settings::default(),
+        signer: None,
+        url_key: url_key.to_vec(),
+    }
+}
+
+/// `GET /status` as JSON (Null when it does not answer with JSON).
+pub async fn status(addr: SocketAddr) -> serde_json::Value {
+    let Ok(r) = reqwest::get(format!("http://{addr}/status")).await else { return serde_json::Value::Null };
+    let text = r.text().await.unwrap_or_default();
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
+}
+
+/// The `/status` entry of `image`, if any.
+pub async fn target_status(addr: SocketAddr, image: &str) -> Option<serde_json::Value> {
+    status(addr).await["targets"].as_array()?.iter().find(|t| t["image"] == image).cloned()
+}
+
+/// The body of `GET path` when it answers 200.
+pub async fn get_ok(addr: SocketAddr, path: &str) -> Option<Vec<u8>> {
+    let r = reqwest::get(format!("http://{addr}{path}")).await.ok()?;
+    if r.status() != 200 {
+        return None;
+    }
+    r.bytes().await.ok().map(|b| b.to_vec())
+}
+
+/// The `/wasm` URL path that lets `namespace` fetch `module` under `url_key`.
+pub fn wasm_path(url_key: &[u8], namespace: &str, module: &str) -> String {
+    let token = registry_cache::permissions::url_token(url_key, namespace, module).expect("url key long enough");
+    format!("/wasm/{}.wasm?namespace={namespace}&token={token}", module.trim_start_matches("sha256:"))
+}
