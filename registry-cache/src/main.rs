@@ -7,6 +7,7 @@ use registry_cache::cache::Cache;
 use registry_cache::pull::{parse_reference, PullOptions, Puller};
 use registry_cache::service::{Service, ServiceOptions};
 use registry_cache::sign::{self, PublicKey, Signer, SigningKey};
+use registry_cache::tls::ServerTls;
 use registry_cache::{auth, package, publish, render, sources};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -210,7 +211,42 @@ enum Command {
         /// the same key issues them.
         #[arg(long)]
         url_key: Option<PathBuf>,
+        #[command(flatten)]
+        transport: Transport,
     },
+}
+
+/// TLS, or plain HTTP when asked for by name.
+#[derive(clap::Args, Clone)]
+struct Transport {
+    /// Serve HTTPS with this certificate chain (PEM, leaf first): `tls.crt` of a
+    /// kubernetes.io/tls Secret. Re-read when it changes.
+    #[arg(long, requires = "tls_key", conflicts_with = "plain_http")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM): `tls.key` of the same Secret.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// How often the certificate files are checked for a rotation.
+    #[arg(long, default_value_t = 10)]
+    tls_reload_seconds: u64,
+    /// Serve plain HTTP instead: module URLs and their tokens travel in clear text, and Envoy
+    /// Gateway does not accept an image source at an insecure registry.
+    #[arg(long)]
+    plain_http: bool,
+}
+
+impl Transport {
+    /// The pair to serve, loaded now so that a bad one stops `serve` before it starts.
+    fn load(&self) -> anyhow::Result<Option<std::sync::Arc<ServerTls>>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(ServerTls::load(cert, key)?)),
+            _ if self.plain_http => Ok(None),
+            _ => anyhow::bail!(
+                "serve needs --tls-cert and --tls-key (tls.crt and tls.key of a kubernetes.io/tls Secret), \
+                 or --plain-http to serve without TLS"
+            ),
+        }
+    }
 }
 
 #[tokio::main]
@@ -299,7 +335,9 @@ async fn main() -> anyhow::Result<()> {
             policies_dirs,
             signing,
             url_key,
+            transport,
         } => {
+            let tls = transport.load()?;
             let service = Service::start(ServiceOptions {
                 cache_dir,
                 max_cache_bytes,
@@ -311,8 +349,17 @@ async fn main() -> anyhow::Result<()> {
             })
             .await?;
             let listener = tokio::net::TcpListener::bind(listen).await?;
-            tracing::info!(addr = %listener.local_addr()?, "serving");
-            service.serve(listener, shutdown_signal()).await?;
+            match tls {
+                Some(tls) => {
+                    tls.spawn_reloader(Duration::from_secs(transport.tls_reload_seconds.max(1)));
+                    tracing::info!(addr = %listener.local_addr()?, "serving HTTPS");
+                    service.serve_tls(listener, &tls, shutdown_signal()).await?;
+                }
+                None => {
+                    tracing::warn!(addr = %listener.local_addr()?, "serving plain HTTP (--plain-http)");
+                    service.serve(listener, shutdown_signal()).await?;
+                }
+            }
             tracing::info!("stopped");
             Ok(())
         }

@@ -94,6 +94,18 @@ impl Service {
         server::serve(listener, server::router(Arc::clone(&self.state)), shutdown).await
     }
 
+    /// Serves over HTTPS with the pair `tls` holds (reload it with
+    /// [`crate::tls::ServerTls::spawn_reloader`]) until `shutdown` completes.
+    pub async fn serve_tls(
+        &self,
+        listener: tokio::net::TcpListener,
+        tls: &Arc<crate::tls::ServerTls>,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let app = server::router(Arc::clone(&self.state));
+        server::serve_tls(listener, app, shutdown, server::ServerLimits::default(), tls).await
+    }
+
     /// Waits until `/readyz` would say ready.
     pub async fn wait_ready(&self) {
         if let Some(p) = &self.prefetcher {
