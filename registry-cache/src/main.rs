@@ -171,17 +171,29 @@ enum Command {
         key: Vec<PathBuf>,
         references: Vec<String>,
     },
-    /// Rewrite EnvoyExtensionPolicies to load their Wasm images from the cache over HTTP, pinned by sha256.
+    /// Rewrite EnvoyExtensionPolicies to load their Wasm images from the cache, pinned by sha256.
     Render {
         policy: PathBuf,
         #[arg(long)]
         cache_dir: PathBuf,
-        /// Where Envoy reaches the cache.
-        #[arg(long, default_value = "http://registry-cache.churn-guard-system.svc.cluster.local:5000")]
+        /// Where Envoy Gateway reaches the cache. With https://, the code source names the CA
+        /// to verify it with (--ca-certificate-ref).
+        #[arg(long, default_value = "https://registry-cache.churn-guard-system.svc.cluster.local:5000")]
         base_url: String,
         /// The key (at least 32 bytes) the serving cache signs private modules' URLs with.
         #[arg(long)]
         url_key: Option<PathBuf>,
+        /// `http`: a /wasm/<sha256>.wasm URL. `image`: the cache's OCI API, by digest (public
+        /// images only; needs https).
+        #[arg(long, value_enum, default_value_t = Code::Http)]
+        code: Code,
+        /// The Secret or ConfigMap with the CA (key `ca.crt`) that signed the cache's
+        /// certificate, as KIND/NAME.
+        #[arg(long, default_value = "Secret/registry-cache-tls")]
+        ca_certificate_ref: String,
+        /// Its namespace; policies elsewhere get a ReferenceGrant in it, written with them.
+        #[arg(long, default_value = "churn-guard-system")]
+        ca_certificate_namespace: String,
     },
     /// Serve the cache: OCI distribution API (read-only), /wasm/<sha256>.wasm, /metrics, /healthz, /readyz.
     Serve {
@@ -214,6 +226,12 @@ enum Command {
         #[command(flatten)]
         transport: Transport,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Code {
+    Http,
+    Image,
 }
 
 /// TLS, or plain HTTP when asked for by name.
@@ -314,14 +332,38 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Render { policy, cache_dir, base_url, url_key } => {
+        Command::Render {
+            policy,
+            cache_dir,
+            base_url,
+            url_key,
+            code,
+            ca_certificate_ref,
+            ca_certificate_namespace,
+        } => {
+            let (kind, name) = ca_certificate_ref
+                .split_once('/')
+                .filter(|(k, n)| matches!(*k, "Secret" | "ConfigMap") && !n.is_empty() && !n.contains('/'))
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--ca-certificate-ref {ca_certificate_ref:?}: expected Secret/NAME or ConfigMap/NAME"
+                    )
+                })?;
+            let options = render::RenderOptions {
+                base_url,
+                code: match code {
+                    Code::Http => render::CodeSource::Http,
+                    Code::Image => render::CodeSource::Image,
+                },
+                ca: render::CaRef { kind: kind.into(), name: name.into(), namespace: ca_certificate_namespace },
+            };
             let yaml = std::fs::read_to_string(&policy)
                 .map_err(|e| anyhow::anyhow!("{}: {e} (expected EnvoyExtensionPolicy YAML)", policy.display()))?;
             let cache = Cache::open_read_only(&cache_dir)
                 .map_err(|e| anyhow::anyhow!("{e} (expected a cache that `serve` or `pull` wrote)"))?;
             let key = read_url_key(url_key.as_deref())?;
             let token = |ns: &str, module: &str| registry_cache::permissions::url_token(&key, ns, module);
-            print!("{}", render::render(&yaml, &base_url, |r| cache.lookup(r), token)?);
+            print!("{}", render::render_with(&yaml, &options, |r| cache.lookup(r), token)?);
             Ok(())
         }
         Command::Serve {
