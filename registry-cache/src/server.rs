@@ -489,7 +489,33 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()>,
     limits: ServerLimits,
 ) -> std::io::Result<()> {
-    const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+    serve_connections(listener, app, shutdown, limits, None).await
+}
+
+/// Serves `app` over HTTPS (HTTP/1.1 in TLS) until `shutdown` completes, with the
+/// certificate `tls` holds at each handshake, and the same limits as [`serve_with`]. The
+/// handshake counts against `header_read_timeout` too: a client that stalls it is cut off.
+/// A plain HTTP request gets a 400 saying to use https, as a hint for a misconfigured client.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()>,
+    limits: ServerLimits,
+    tls: &Arc<crate::tls::ServerTls>,
+) -> std::io::Result<()> {
+    let acceptor = tls.acceptor().map_err(std::io::Error::other)?;
+    serve_connections(listener, app, shutdown, limits, Some(acceptor)).await
+}
+
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()>,
+    limits: ServerLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> std::io::Result<()> {
     const ACCEPT_RETRY: Duration = Duration::from_millis(100);
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     tokio::pin!(shutdown);
@@ -510,21 +536,58 @@ pub async fn serve_with(
             },
             () = &mut shutdown => return Ok(()),
         };
-        let app = app.clone();
+        let (app, tls) = (app.clone(), tls.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            let mut first = [0u8; 1];
-            match tokio::time::timeout(limits.header_read_timeout, stream.peek(&mut first)).await {
-                Ok(Ok(1)) if first[0] != TLS_HANDSHAKE_RECORD => {}
-                _ => return,
-            }
             let service = hyper_util::service::TowerToHyperService::new(app);
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
+            let http = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
-                .serve_connection(io, service)
-                .await;
+                .clone();
+            let mut first = [0u8; 1];
+            let Some(acceptor) = tls else {
+                match tokio::time::timeout(limits.header_read_timeout, stream.peek(&mut first)).await {
+                    Ok(Ok(1)) if first[0] != TLS_HANDSHAKE_RECORD => {}
+                    _ => return,
+                }
+                let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+                return;
+            };
+            let handshake = async {
+                match stream.peek(&mut first).await {
+                    Ok(1) if first[0] == TLS_HANDSHAKE_RECORD => acceptor.accept(stream).await.map(Some),
+                    Ok(1) => {
+                        refuse_plain_http(stream).await;
+                        Ok(None)
+                    }
+                    Ok(_) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            };
+            match tokio::time::timeout(limits.header_read_timeout, handshake).await {
+                Ok(Ok(Some(stream))) => {
+                    let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!("TLS handshake timed out"),
+            }
         });
     }
+}
+
+/// Answers a plain HTTP request on the TLS port and closes. What has arrived of the request
+/// is read first (and dropped): closing with unread data would reset the connection, and the
+/// client could lose the answer.
+async fn refuse_plain_http(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut request = [0u8; 4096];
+    let _ = stream.read(&mut request).await;
+    const BODY: &str = "this port speaks TLS: use https://\n";
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }

@@ -99,6 +99,18 @@ impl Service {
         server::serve(listener, server::router(Arc::clone(&self.state)), shutdown).await
     }
 
+    /// Serves over HTTPS with the pair `tls` holds (reload it with
+    /// [`crate::tls::ServerTls::spawn_reloader`]) until `shutdown` completes.
+    pub async fn serve_tls(
+        &self,
+        listener: tokio::net::TcpListener,
+        tls: &Arc<crate::tls::ServerTls>,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let app = server::router(Arc::clone(&self.state));
+        server::serve_tls(listener, app, shutdown, server::ServerLimits::default(), tls).await
+    }
+
     /// Waits until the sources' initial sync has settled: each image pulled, or failed
     /// `settle_attempts` times (`initialSyncSettled` in `/status`).
     pub async fn wait_settled(&self) {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{get_ok, push, serve_service, service_options, status, target_status, wasm_module, wasm_path};
+use common::{get_body, push, serve_service, service_options, status, target_status, wasm_module, wasm_path};
 use registry_cache::artifact::sha256_hex;
 use registry_cache::pull::parse_reference;
 use std::net::SocketAddr;
@@ -65,7 +65,7 @@ async fn filling_the_cache_never_evicts_a_module_a_policy_names() {
     assert!(cache.has_entry_intact(&whole(&image_a)) && cache.has_entry_intact(&whole(&image_c)));
     for (module, name) in [(&a, "a"), (&c, "c")] {
         let path = wasm_path(&URL_KEY, "shop", &format!("sha256:{}", sha256_hex(module)));
-        assert_eq!(get_ok(s.addr, &path).await.as_ref(), Some(module), "the module of policy {name} is not served");
+        assert_eq!(get_body(s.addr, &path).await.as_ref(), Some(module), "the module of policy {name} is not served");
     }
 }
 
@@ -82,7 +82,7 @@ async fn a_module_corrupted_on_disk_is_never_served_and_is_pulled_again() {
     let s = serve_service(service_options(&cache_dir, &[registry.addr], &URL_KEY), &policies).await;
     wait_ready(s.addr, &image).await;
     let path = wasm_path(&URL_KEY, "shop", &format!("sha256:{}", sha256_hex(&module)));
-    assert_eq!(get_ok(s.addr, &path).await.as_ref(), Some(&module));
+    assert_eq!(get_body(s.addr, &path).await.as_ref(), Some(&module));
 
     // The disk flips bits in the cached module.
     let file = cache_dir.join("blobs/sha256").join(sha256_hex(&module));
@@ -94,7 +94,7 @@ async fn a_module_corrupted_on_disk_is_never_served_and_is_pulled_again() {
     let first = reqwest::get(format!("http://{}{path}", s.addr)).await.expect("request");
     assert_eq!(first.status(), 404, "a corrupt module must not be served");
     let repulled = harness::eventually(Duration::from_secs(60), || async {
-        get_ok(s.addr, &path).await.is_some_and(|body| body == module)
+        get_body(s.addr, &path).await.is_some_and(|body| body == module)
     })
     .await;
     assert!(repulled, "the corrupt module was not pulled again: {}", status(s.addr).await);

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{get_ok, serve_service, service_options, status, target_status, wasm_module};
+use common::{get_body, serve_service, service_options, status, target_status, wasm_module};
 use registry_cache::artifact::sha256_hex;
 use registry_cache::cache::Cache;
 use std::time::Duration;
@@ -58,7 +58,7 @@ async fn a_restart_serves_what_is_cached_while_another_upstream_hangs() {
     assert!(harness::eventually(Duration::from_secs(60), || readyz(s.addr)).await, "not ready while an upstream hangs");
     let path = common::wasm_path(&URL_KEY, "shop", &format!("sha256:{}", sha256_hex(&module)));
     let served = harness::eventually(Duration::from_secs(60), || async {
-        get_ok(s.addr, &path).await.is_some_and(|body| body == module)
+        get_body(s.addr, &path).await.is_some_and(|body| body == module)
     })
     .await;
     assert!(served, "the cached module is not served while another image hangs: {}", status(s.addr).await);

@@ -374,6 +374,9 @@ fn probes_and_service_reach_the_listening_port() -> anyhow::Result<()> {
     ] {
         let (got_path, probe_port) = http_probe(probe, what);
         assert_eq!(got_path, path, "{what} path");
+        // The cache serves TLS only; a plain HTTP probe would get 400 and fail the pod.
+        let scheme = probe.as_ref().and_then(|p| p.http_get.as_ref()).and_then(|g| g.scheme.as_deref());
+        assert_eq!(scheme, Some("HTTPS"), "{what} must probe with HTTPS");
         assert_eq!(resolve_port(c, probe_port), Some(port), "{what} port {probe_port:?} is not the --listen port");
     }
 
@@ -394,7 +397,7 @@ fn probes_and_service_reach_the_listening_port() -> anyhow::Result<()> {
 
     // `registry-cache render` points Envoy Gateway at this Service by default.
     let url =
-        format!("http://{}.{NAMESPACE}.svc.cluster.local:{}", svc.metadata.name.as_deref().unwrap_or_default(), 5000);
+        format!("https://{}.{NAMESPACE}.svc.cluster.local:{}", svc.metadata.name.as_deref().unwrap_or_default(), 5000);
     let main = std::fs::read_to_string(workspace_root().join("registry-cache/src/main.rs"))?;
     assert!(main.contains(&url), "registry-cache's default --base-url is not the Service's address {url}");
     Ok(())
@@ -474,6 +477,40 @@ fn args_use_mounted_paths() -> anyhow::Result<()> {
             assert_eq!(r.optional, Some(true), "env {} must be optional", env.name);
         }
     }
+
+    // The TLS pair comes from a kubernetes.io/tls Secret (tls.crt, tls.key) the pod needs to
+    // start, and cert-manager.example.yaml makes that Secret, for the Service's DNS name.
+    assert!(!args.iter().any(|a| a == "--plain-http"), "the shipped cache must serve TLS");
+    let mut tls_secrets = vec![];
+    for (option, file) in [("--tls-cert", "tls.crt"), ("--tls-key", "tls.key")] {
+        let path = flag(&args, option).unwrap_or_else(|| panic!("{option}"));
+        let mount = mount_of(path).unwrap_or_else(|| panic!("{option} mount"));
+        assert_eq!(mount.read_only, Some(true), "{option} must be mounted read-only");
+        let secret = volume(&mount.name).secret.unwrap_or_else(|| panic!("{option} is not on a Secret volume"));
+        let projected = path.strip_prefix(&format!("{}/", mount.mount_path)).expect("file under its mount");
+        let key = match &secret.items {
+            Some(items) => items.iter().find(|i| i.path == projected).map(|i| i.key.clone()),
+            None => Some(projected.to_string()),
+        };
+        assert_eq!(key.as_deref(), Some(file), "{option} must be the Secret's {file}");
+        assert_ne!(secret.optional, Some(true), "without the certificate the pod must not start");
+        tls_secrets.push(secret.secret_name.unwrap_or_default());
+    }
+    assert_eq!(tls_secrets[0], tls_secrets[1], "certificate and key come from one Secret");
+    let cert_manager = yaml_docs(&deploy_dir().join("cert-manager.example.yaml"))?;
+    let leaf = cert_manager
+        .iter()
+        .find(|d| d["kind"] == "Certificate" && d["spec"]["secretName"] == tls_secrets[0].as_str())
+        .unwrap_or_else(|| panic!("cert-manager.example.yaml makes no Certificate for Secret {}", tls_secrets[0]));
+    let service_dns =
+        format!("{}.{NAMESPACE}.svc.cluster.local", r.services[0].metadata.name.as_deref().unwrap_or_default());
+    assert!(
+        leaf["spec"]["dnsNames"].as_array().into_iter().flatten().any(|n| n == service_dns.as_str()),
+        "the certificate does not name {service_dns}"
+    );
+    assert!(cert_manager.iter().all(|d| d["metadata"]["namespace"] == NAMESPACE));
+    let readme = std::fs::read_to_string(deploy_dir().join("README.md"))?;
+    assert!(readme.contains(&format!("secret generic {}", tls_secrets[0])), "README does not say how to create it");
 
     // The documented example Secret is the one the StatefulSet mounts, with that key.
     let example = deploy_dir().join("signing-key-secret.example.yaml");

@@ -141,13 +141,14 @@ impl PolicyRecord {
             .and_then(|text| serde_json::from_str(text).ok());
         let wasms = doc.pointer("/spec/wasm").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
         for (index, wasm) in wasms.iter().enumerate() {
-            let Some(mut code) = wasm.get("code") else { continue };
-            if code.get("type").and_then(Value::as_str) != Some("Image") {
-                match rendered.as_ref().and_then(|r| r.get(index.to_string())) {
-                    Some(source) if source.get("type").and_then(Value::as_str) == Some("Image") => code = source,
-                    _ => continue,
-                }
-            }
+            let Some(code) = wasm.get("code") else { continue };
+            // A rendered source (HTTP, or an image at the cache itself) stands for the original
+            // image recorded in the annotation.
+            let code = match rendered.as_ref().and_then(|r| r.get(index.to_string())) {
+                Some(source) if source.get("type").and_then(Value::as_str) == Some("Image") => source,
+                _ if code.get("type").and_then(Value::as_str) == Some("Image") => code,
+                _ => continue,
+            };
             let Some(url) = code.pointer("/image/url").and_then(Value::as_str).filter(|u| !u.trim().is_empty()) else {
                 tracing::warn!(%namespace, policy = %name, index, "wasm image without url; skipped");
                 continue;

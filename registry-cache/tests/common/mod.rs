@@ -453,8 +453,8 @@ pub async fn target_status(addr: SocketAddr, image: &str) -> Option<serde_json::
     status(addr).await["targets"].as_array()?.iter().find(|t| t["image"] == image).cloned()
 }
 
-/// The body of `GET path` when it answers 200.
-pub async fn get_ok(addr: SocketAddr, path: &str) -> Option<Vec<u8>> {
+/// The body of `GET path` (plain HTTP) when it answers 200.
+pub async fn get_body(addr: SocketAddr, path: &str) -> Option<Vec<u8>> {
     let r = reqwest::get(format!("http://{addr}{path}")).await.ok()?;
     if r.status() != 200 {
         return None;
@@ -466,4 +466,171 @@ pub async fn get_ok(addr: SocketAddr, path: &str) -> Option<Vec<u8>> {
 pub fn wasm_path(url_key: &[u8], namespace: &str, module: &str) -> String {
     let token = registry_cache::permissions::url_token(url_key, namespace, module).expect("url key long enough");
     format!("/wasm/{}.wasm?namespace={namespace}&token={token}", module.trim_start_matches("sha256:"))
+}
+
+/// Runs the openssl CLI, which makes the tests' certificates (an independent implementation).
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl").current_dir(dir).args(args).output().expect("openssl CLI");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A certificate authority made with openssl, in a directory of its own.
+pub struct TestCa {
+    dir: std::path::PathBuf,
+    /// The CA certificate, PEM: what clients trust, `ca.crt`.
+    pub cert: Vec<u8>,
+}
+
+impl TestCa {
+    pub fn new(dir: &Path, name: &str) -> Self {
+        let dir = dir.join(format!("ca-{name}"));
+        std::fs::create_dir_all(&dir).expect("CA dir");
+        openssl(
+            &dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=test CA {name}"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        );
+        let cert = std::fs::read(dir.join("ca.crt")).expect("ca.crt");
+        Self { dir, cert }
+    }
+
+    /// A new server certificate for 127.0.0.1 and localhost, with a random serial:
+    /// (`tls.crt`, `tls.key`), PEM.
+    pub fn leaf(&self) -> (Vec<u8>, Vec<u8>) {
+        let ext = "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n\
+                   keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n";
+        std::fs::write(self.dir.join("leaf.ext"), ext).expect("ext");
+        openssl(
+            &self.dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                "tls.key",
+                "-out",
+                "leaf.csr",
+                "-subj",
+                "/CN=registry-cache",
+            ],
+        );
+        let serial: u64 = rand_serial();
+        openssl(
+            &self.dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "leaf.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-days",
+                "2",
+                "-set_serial",
+                &serial.to_string(),
+                "-extfile",
+                "leaf.ext",
+                "-out",
+                "tls.crt",
+            ],
+        );
+        (
+            std::fs::read(self.dir.join("tls.crt")).expect("tls.crt"),
+            std::fs::read(self.dir.join("tls.key")).expect("tls.key"),
+        )
+    }
+}
+
+fn rand_serial() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.finish() >> 1
+}
+
+/// A directory laid out as the kubelet projects a Secret volume: each key a symlink through
+/// `..data`, which points at a timestamped directory and is replaced atomically (a rename)
+/// when the Secret changes.
+pub struct SecretVolume {
+    pub dir: std::path::PathBuf,
+    generation: u32,
+}
+
+impl SecretVolume {
+    pub fn new(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).expect("volume dir");
+        Self { dir: dir.to_path_buf(), generation: 0 }
+    }
+
+    /// Makes `files` (key, content) the volume's content, all at once.
+    pub fn project(&mut self, files: &[(&str, &[u8])]) {
+        use std::os::unix::fs::symlink;
+        self.generation += 1;
+        let data = format!("..gen_{}", self.generation);
+        std::fs::create_dir(self.dir.join(&data)).expect("data dir");
+        for (key, content) in files {
+            std::fs::write(self.dir.join(&data).join(key), content).expect("secret file");
+            let link = self.dir.join(key);
+            if link.symlink_metadata().is_err() {
+                symlink(format!("..data/{key}"), &link).expect("key symlink");
+            }
+        }
+        symlink(&data, self.dir.join("..data_tmp")).expect("..data_tmp");
+        std::fs::rename(self.dir.join("..data_tmp"), self.dir.join("..data")).expect("swap ..data");
+    }
+
+    pub fn path(&self, key: &str) -> std::path::PathBuf {
+        self.dir.join(key)
+    }
+}
+
+/// An HTTPS client that trusts `ca` (PEM) and nothing else, on a new connection each time.
+pub fn https_client(ca: &[u8]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca).expect("CA PEM"))
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+/// Whether `GET url` through `client` answers 200.
+pub async fn get_ok(client: &reqwest::Client, url: &str) -> bool {
+    client.get(url).send().await.is_ok_and(|r| r.status() == 200)
+}
+
+/// A minimal app (`GET /` answers "ok") behind `server::serve_tls`, `limits` and `tls`.
+pub async fn serve_minimal_tls(limits: server::ServerLimits, tls: &Arc<registry_cache::tls::ServerTls>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+    let tls = Arc::clone(tls);
+    tokio::spawn(async move { server::serve_tls(listener, app, std::future::pending(), limits, &tls).await });
+    addr
 }
