@@ -15,6 +15,8 @@ declare -A debs=(
   [docker-registry]=docker-registry
   [skopeo]=skopeo
   [htpasswd]=apache2-utils
+  # Certificates for registry-cache's TLS in the demo and the tests.
+  [openssl]=openssl
   # `kubectl kustomize deploy/` renders the manifests in tests (works offline).
   [kubectl]=kubernetes-client
   # `make bench`: registry-cache's blob throughput against docker-registry.

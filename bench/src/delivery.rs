@@ -1,9 +1,12 @@
 //! The filter's way into Envoy, as in a cluster: built module → Wasm OCI image in a private
-//! registry → registry-cache pulls, verifies, signs and serves it → the example
-//! EnvoyExtensionPolicy, rendered by the cache, has Envoy fetch it over HTTP pinned by sha256.
+//! registry → registry-cache pulls, verifies, signs and serves it over HTTPS → the example
+//! EnvoyExtensionPolicy, rendered by the cache, has Envoy fetch it over TLS, trusting only the
+//! CA the rendered policy names, pinned by sha256.
 //!
 //! Everything runs on loopback: Debian's `docker-registry` with htpasswd auth, and the cache's
-//! `serve` code in this process, pre-pulling from the policy on disk (its directory mode).
+//! `serve` code in this process, pre-pulling from the policy on disk (its directory mode), with
+//! a certificate from a CA of the demo's own (made with the openssl CLI, as cert-manager makes
+//! the `registry-cache-tls` Secret in a cluster).
 
 use crate::gateway_examples::GatewayExamples;
 use crate::scenario::Configured;
@@ -18,6 +21,7 @@ use registry_cache::sign::{self, Signer, SigningKey};
 use registry_cache::sources::config::Settings;
 use registry_cache::{package, render};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +39,8 @@ pub struct Delivery {
     pub rendered_policy: String,
     pub configured: Configured,
     pub cache_addr: SocketAddr,
+    /// The CA (PEM) the cache's certificate chains to.
+    pub ca_pem: String,
     pub signature_verified: bool,
     _registry: DockerRegistry,
     _server: AbortOnDrop,
@@ -48,6 +54,61 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// A CA of the demo's own and a certificate for `localhost` signed by it, made with the openssl
+/// CLI in `dir`: (the CA's PEM, `tls.crt`, `tls.key`).
+fn make_tls(dir: &Path) -> anyhow::Result<(String, PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir)?;
+    let openssl = |args: &[&str]| -> anyhow::Result<()> {
+        let out = std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .context("running openssl to make the demo's certificates (scripts/setup.sh installs it)")?;
+        anyhow::ensure!(out.status.success(), "openssl {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let ca = ["-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj", "/CN=churn-guard demo CA"];
+    let ca_ext = ["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"];
+    openssl(&[&["req", "-x509"], &ec[..], &ca[..], &ca_ext[..]].concat())?;
+    openssl(&[&["req"], &ec[..], &["-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=localhost"]].concat())?;
+    std::fs::write(
+        dir.join("tls.ext"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=critical,CA:FALSE\n\
+         keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )?;
+    let serial = hex::encode(random_bytes(8)?);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "tls.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-days",
+        "1",
+        "-set_serial",
+        &format!("0x{serial}"),
+        "-extfile",
+        "tls.ext",
+        "-out",
+        "tls.crt",
+    ])?;
+    Ok((std::fs::read_to_string(dir.join("ca.crt"))?, dir.join("tls.crt"), dir.join("tls.key")))
+}
+
+/// A client that trusts only `ca_pem`, as Envoy Gateway trusts only the CA a policy names.
+fn https_client(ca_pem: &str) -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem.as_bytes())?)
+        .timeout(Duration::from_secs(30))
+        .build()?)
 }
 
 fn random_bytes(n: usize) -> anyhow::Result<Vec<u8>> {
@@ -105,7 +166,7 @@ pub async fn deliver(
         url_key: random_bytes(32)?,
     })
     .await?;
-    service.wait_ready().await;
+    service.wait_settled().await;
     let entry =
         service.state.cache.lookup(&registry_cache::pull::parse_reference(&image)?.whole()).with_context(|| {
             format!("registry-cache did not pre-pull {image}: {:?}", service.prefetcher.as_ref().map(|p| p.desired()))
@@ -123,31 +184,45 @@ pub async fn deliver(
         "it signed it as it cached it (cosign simple signing, tag {}); signature verified: {signature_verified}",
         sign::signature_tag(&entry.manifest)?
     ));
+    // HTTPS, as deploy/ serves it (`serve --tls-cert --tls-key`).
+    let (ca_pem, cert, key) = make_tls(&dir.path().join("tls"))?;
+    let tls = registry_cache::tls::ServerTls::load(cert, key).context("loading the demo's certificate")?;
     let service = Arc::new(service);
     let server = tokio::spawn({
         let service = Arc::clone(&service);
         async move {
-            let _ = service.serve(cache_listener, std::future::pending()).await;
+            let _ = service.serve_tls(cache_listener, &tls, std::future::pending()).await;
         }
     });
 
-    let base_url = format!("http://{cache_addr}");
+    let base_url = format!("https://localhost:{}", cache_addr.port());
     let rendered_policy = render::render(
         &policy_yaml,
         &base_url,
         |r| service.state.cache.lookup(r),
         |ns, module| service.state.permissions.url_token(ns, module),
     )?;
-    let rendered: serde_json::Value = serde_yaml_ng::from_str(rendered_policy.trim_start_matches("---\n"))?;
+    let rendered = harness::crds::yaml_docs_str(&rendered_policy)?
+        .into_iter()
+        .find(|d| d["kind"] == "EnvoyExtensionPolicy")
+        .context("render returned no EnvoyExtensionPolicy")?;
     let http = &rendered["spec"]["wasm"][0]["code"]["http"];
     let url = http["url"].as_str().context("rendered policy has no code.http.url")?.to_string();
     let sha256 = http["sha256"].as_str().context("rendered policy has no code.http.sha256")?.to_string();
-    say(&format!("rendered the example EnvoyExtensionPolicy: code.http.url {url}, sha256 {sha256}"));
+    let ca_ref = &http["tls"]["caCertificateRef"];
+    let ca_name = ca_ref["name"].as_str().context("rendered policy names no CA (tls.caCertificateRef)")?;
+    say(&format!(
+        "rendered the example EnvoyExtensionPolicy: code.http.url {url}, sha256 {sha256}, \
+         tls.caCertificateRef {} {}/{ca_name} (here holding the demo's CA)",
+        ca_ref["kind"].as_str().unwrap_or_default(),
+        ca_ref["namespace"].as_str().unwrap_or(&namespace),
+    ));
 
     let configured = Configured {
         spec: examples.gateway_spec(),
         filter: FilterSpec {
-            source: WasmSource { url, sha256: sha256.clone(), server: cache_addr },
+            // Envoy stands in for Envoy Gateway's fetch: it trusts that CA, and only that.
+            source: WasmSource { url, sha256: sha256.clone(), server: cache_addr, tls_ca: Some(ca_pem.clone()) },
             config: rendered["spec"]["wasm"][0]["config"].to_string(),
         },
     };
@@ -158,6 +233,7 @@ pub async fn deliver(
         rendered_policy,
         configured,
         cache_addr,
+        ca_pem,
         signature_verified,
         _registry: registry,
         _server: AbortOnDrop(server),
@@ -169,7 +245,8 @@ pub async fn deliver(
 impl Delivery {
     /// How many times the cache served the module to Envoy (its `/metrics`).
     pub async fn modules_served(&self) -> anyhow::Result<u64> {
-        let text = reqwest::get(format!("http://{}/metrics", self.cache_addr)).await?.text().await?;
+        let url = format!("https://localhost:{}/metrics", self.cache_addr.port());
+        let text = https_client(&self.ca_pem)?.get(url).send().await?.text().await?;
         Ok(text
             .lines()
             .filter(|l| l.starts_with("registry_cache_requests_total{") && l.contains("kind=\"wasm\""))

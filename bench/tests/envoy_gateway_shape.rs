@@ -82,6 +82,7 @@ fn filter() -> FilterSpec {
             url: "http://127.0.0.1:1/0.wasm".into(),
             sha256: "0".repeat(64),
             server: "127.0.0.1:1".parse().unwrap(),
+            tls_ca: None,
         },
         config: "{}".into(),
     }

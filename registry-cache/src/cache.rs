@@ -17,6 +17,15 @@
 //! pins them until its entry is recorded: eviction never deletes a pinned blob. `record` also
 //! refuses an entry one of whose blobs is missing, so the index never names a blob that is not
 //! on disk.
+//!
+//! Eviction is least recently used, among entries no active policy names: `serve`'s policy
+//! sources tell the cache which references are in use ([`Cache::set_in_use`]), and those are
+//! never evicted while named. When the modules in use alone would exceed the bound, the new
+//! entry is refused ([`CacheError::Full`]) rather than an entry in use evicted.
+//!
+//! A blob that no longer matches its digest when read is never served: the entries using it
+//! are dropped, and the listener set with [`Cache::on_corrupt`] is told their references, so
+//! that `serve` pulls them again.
 
 use crate::artifact::{digest_hex, sha256_hex};
 use serde::{Deserialize, Serialize};
@@ -36,7 +45,40 @@ pub enum CacheError {
     Digest(#[from] crate::artifact::ArtifactError),
     #[error("cannot record {reference}: its blob {digest} is not in the cache (removed while it was being published); publish it again")]
     Missing { reference: String, digest: String },
+    #[error(
+        "cannot cache {reference}: with it the cache would hold {needed} bytes of modules, over its limit of \
+         {max} (--max-cache-bytes), and every other module is in use (named by an active policy, or not \
+         known yet while a policy source has not synced); remove policies or raise the limit"
+    )]
+    Full { reference: String, needed: u64, max: u64 },
 }
+
+/// Which entries active policies name, and so must not be evicted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InUse {
+    /// These references (as [`Entry::reference`] has them).
+    Only(HashSet<String>),
+    /// Not known yet (a policy source has not delivered its initial sync): every entry.
+    All,
+}
+
+impl Default for InUse {
+    fn default() -> Self {
+        Self::Only(HashSet::new())
+    }
+}
+
+impl InUse {
+    fn contains(&self, reference: &str) -> bool {
+        match self {
+            Self::Only(set) => set.contains(reference),
+            Self::All => true,
+        }
+    }
+}
+
+/// Told the references dropped because a blob of theirs was found corrupt.
+type CorruptListener = Box<dyn Fn(Vec<String>) + Send + Sync>;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
     move |source| CacheError::Io { path: path.to_path_buf(), source }
@@ -87,6 +129,7 @@ struct State {
     index: Index,
     /// digest -> number of [`Staging`]s holding it. Eviction treats these as referenced.
     pinned: HashMap<String, usize>,
+    in_use: InUse,
 }
 
 pub struct Cache {
@@ -95,6 +138,7 @@ pub struct Cache {
     state: Mutex<State>,
     /// Opened to read what another process writes: corrupt blobs are reported, not deleted.
     read_only: bool,
+    corrupt_listener: std::sync::OnceLock<CorruptListener>,
 }
 
 pub fn now_secs() -> u64 {
@@ -210,9 +254,10 @@ impl Cache {
             max_bytes,
             state: Mutex::new(State { index, ..State::default() }),
             read_only: false,
+            corrupt_listener: std::sync::OnceLock::new(),
         };
         let entries: Vec<Entry> = cache.entries();
-        let intact = |digest: &String| matches!(cache.get_blob(digest), Ok(Some(_)));
+        let intact = |digest: &String| matches!(cache.read_verified(digest), Ok(Some(_)));
         for e in entries {
             if let Some(digest) = [&e.module, &e.manifest, &e.config].into_iter().find(|d| !intact(d)) {
                 tracing::warn!(reference = %e.reference, %digest, "dropping cache entry with a missing or corrupt blob");
@@ -239,7 +284,20 @@ impl Cache {
             max_bytes: u64::MAX,
             state: Mutex::new(State { index, ..State::default() }),
             read_only: true,
+            corrupt_listener: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets which references are in use: never evicted while in use. Until it is called,
+    /// none is (plain LRU, as for `registry-cache pull`).
+    pub fn set_in_use(&self, in_use: InUse) {
+        self.state().in_use = in_use;
+    }
+
+    /// Calls `listener`, outside any lock, with the references dropped whenever a blob is
+    /// found corrupt as it is read. Only the first listener set is kept.
+    pub fn on_corrupt(&self, listener: impl Fn(Vec<String>) + Send + Sync + 'static) {
+        let _ = self.corrupt_listener.set(Box::new(listener));
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -290,14 +348,55 @@ impl Cache {
 
     fn store_blob(&self, digest: &str, bytes: &[u8]) -> Result<(), CacheError> {
         let path = self.blob_path(digest)?;
-        if !matches!(self.get_blob(digest), Ok(Some(_))) {
+        // A corrupt copy is replaced here by the right bytes, which makes its users whole again.
+        if !matches!(self.read_verified(digest), Ok(Some(_))) {
             self.write_atomically(&path, bytes)?;
         }
         Ok(())
     }
 
-    /// Reads and verifies a blob. A blob that does not match its digest is deleted.
+    /// Reads and verifies a blob. A blob that does not match its digest is deleted, and so are
+    /// the entries that use it (the [`Cache::on_corrupt`] listener is told which); a read-only
+    /// cache only reports it.
     pub fn get_blob(&self, digest: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        let read = self.read_verified(digest);
+        if matches!(read, Err(CacheError::Corrupt(_))) && !self.read_only {
+            let dropped = self.drop_users_of(digest);
+            if !dropped.is_empty() {
+                tracing::error!(%digest, references = ?dropped, "corrupt blob on disk; dropped the entries using it");
+                if let Some(listener) = self.corrupt_listener.get() {
+                    listener(dropped);
+                }
+            }
+        }
+        read
+    }
+
+    /// Removes the entries one of whose blobs is `digest`; returns their references. Their
+    /// other blobs stay on disk for a re-pull to find (or the next open to sweep).
+    fn drop_users_of(&self, digest: &str) -> Vec<String> {
+        let mut state = self.state();
+        let dropped: Vec<String> = state
+            .index
+            .entries
+            .values()
+            .filter(|e| blobs_of(e).any(|d| d == digest))
+            .map(|e| e.reference.clone())
+            .collect();
+        for reference in &dropped {
+            state.index.entries.remove(reference);
+        }
+        if !dropped.is_empty() {
+            if let Err(e) = self.persist(&state.index) {
+                // The next open drops them again: their blob is gone.
+                tracing::warn!(error = %e, "could not persist the index after dropping corrupt entries");
+            }
+        }
+        dropped
+    }
+
+    /// Reads and verifies a blob, deleting it (unless read-only) if it does not match.
+    fn read_verified(&self, digest: &str) -> Result<Option<Vec<u8>>, CacheError> {
         let path = self.blob_path(digest)?;
         let bytes = match fs::read(&path) {
             Ok(b) => b,
@@ -323,8 +422,10 @@ impl Cache {
     }
 
     /// Records an entry whose blobs are already stored, then evicts least recently used
-    /// entries beyond the size bound; returns the references evicted. Fails with
-    /// [`CacheError::Missing`], recording nothing, if one of the entry's blobs is not on disk.
+    /// entries not in use beyond the size bound; returns the references evicted. Fails with
+    /// [`CacheError::Missing`], recording nothing, if one of the entry's blobs is not on disk,
+    /// and with [`CacheError::Full`], recording and evicting nothing (and deleting the entry's
+    /// blobs nothing else uses), if it does not fit beside the entries in use.
     ///
     /// An entry replacing one for the same reference inherits its signature if the manifest is
     /// the same and the new entry is unsigned. Visibility is the new entry's own: a repository
@@ -351,12 +452,26 @@ impl Cache {
         if let Some(digest) = missing {
             return Err(CacheError::Missing { reference: entry.reference, digest });
         }
-        state.index.version = 1;
         let mut garbage: Vec<String> = vec![];
-        if let Some(replaced) = state.index.entries.insert(entry.reference.clone(), entry.clone()) {
+        // Planned on a copy: a refused entry leaves the index as it was.
+        let mut entries = state.index.entries.clone();
+        if let Some(replaced) = entries.insert(entry.reference.clone(), entry.clone()) {
             garbage.extend(blobs_of(&replaced));
         }
-        let evicted = self.evict(&mut state.index, &entry.reference, &mut garbage);
+        let evicted = match self.evict(&mut entries, &entry, &state.in_use, &mut garbage) {
+            Ok(evicted) => evicted,
+            Err(full) => {
+                let used = referenced(state);
+                for digest in blobs_of(&entry).filter(|d| !used.contains(d)) {
+                    if let Ok(path) = self.blob_path(&digest) {
+                        let _ = fs::remove_file(path);
+                    }
+                }
+                return Err(full);
+            }
+        };
+        state.index.version = 1;
+        state.index.entries = entries;
         self.persist(&state.index)?;
         // Deleted after the index no longer names them (a crash in between leaves blobs the
         // next open sweeps), and under the lock, so a blob a staging pins stays.
@@ -369,35 +484,40 @@ impl Cache {
         Ok((entry, evicted))
     }
 
-    /// Removes least recently used entries, never `keep` (the entry just recorded), until the
-    /// modules fit in `max_bytes`; adds their blobs to `garbage`.
-    fn evict(&self, index: &mut Index, keep: &str, garbage: &mut Vec<String>) -> Vec<String> {
+    /// Removes least recently used entries, never `new` (the entry being recorded) nor one in
+    /// use, until the modules fit in `max_bytes`; adds their blobs to `garbage`. Fails when
+    /// they cannot fit.
+    fn evict(
+        &self,
+        entries: &mut BTreeMap<String, Entry>,
+        new: &Entry,
+        in_use: &InUse,
+        garbage: &mut Vec<String>,
+    ) -> Result<Vec<String>, CacheError> {
         let mut evicted = vec![];
         loop {
             // Modules shared by several references count once.
             let mut modules: BTreeMap<&str, u64> = BTreeMap::new();
-            for e in index.entries.values() {
+            for e in entries.values() {
                 modules.insert(&e.module, e.size);
             }
             let total: u64 = modules.values().sum();
             if total <= self.max_bytes {
-                break;
+                return Ok(evicted);
             }
-            let Some(oldest) = index
-                .entries
+            let Some(oldest) = entries
                 .values()
-                .filter(|e| e.reference != keep)
+                .filter(|e| e.reference != new.reference && !in_use.contains(&e.reference))
                 .min_by_key(|e| e.last_used)
                 .map(|e| e.reference.clone())
             else {
-                break;
+                return Err(CacheError::Full { reference: new.reference.clone(), needed: total, max: self.max_bytes });
             };
-            if let Some(gone) = index.entries.remove(&oldest) {
+            if let Some(gone) = entries.remove(&oldest) {
                 garbage.extend(blobs_of(&gone));
             }
             evicted.push(oldest);
         }
-        evicted
     }
 
     /// Deletes blobs no entry refers to: leftovers of interrupted pulls. Only safe while
@@ -772,6 +892,77 @@ mod tests {
         let new = c.put_blob(b"new signature").unwrap();
         c.set_signature("r/a:1", Some(new.clone()), vec![]).unwrap();
         assert!(!c.has_blob(&old) && c.has_blob(&new));
+    }
+
+    fn in_use(references: &[&str]) -> InUse {
+        InUse::Only(references.iter().map(|r| r.to_string()).collect())
+    }
+
+    #[test]
+    fn entries_in_use_are_never_evicted_and_what_cannot_fit_beside_them_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path(), 25).unwrap();
+        let (m1, m2, m3) = (c.put_blob(b"one").unwrap(), c.put_blob(b"two").unwrap(), c.put_blob(b"three").unwrap());
+        c.record(entry("r/a:1", &m1, 10, 1, &c)).unwrap();
+        c.record(entry("r/b:1", &m2, 10, 2, &c)).unwrap();
+        c.set_in_use(in_use(&["r/a:1", "r/c:1"]));
+        let evicted = c.record(entry("r/c:1", &m3, 10, 3, &c)).unwrap();
+        assert_eq!(evicted, vec!["r/b:1".to_string()], "the least recently used entry is in use: the next one goes");
+        assert!(c.has_entry_intact("r/a:1") && c.has_entry_intact("r/c:1"));
+
+        // Only entries in use are left, and a third does not fit beside them.
+        let before = c.entries();
+        let staging = c.stage();
+        let m4 = staging.put_blob(b"four").unwrap();
+        let d = entry_in("r/d:1", &m4, 10, 4, &staging);
+        let err = staging.record(d.clone()).unwrap_err();
+        assert!(matches!(&err, CacheError::Full { reference, needed: 30, max: 25 } if reference == "r/d:1"), "{err:?}");
+        assert!(err.to_string().contains("--max-cache-bytes"), "{err}");
+        assert_eq!(c.entries(), before, "a refused entry evicts nothing");
+        assert!(!c.has_blob(&m4) && !c.has_blob(&d.manifest), "and leaves none of its blobs behind");
+        assert!(c.has_blob(&d.config), "the config the others share stays");
+        drop(c);
+        assert_eq!(Cache::open(dir.path(), 25).unwrap().entries(), before);
+
+        // Until the sources have synced, nothing is known to be unused.
+        let c = Cache::open(dir.path(), 25).unwrap();
+        c.set_in_use(InUse::All);
+        let m4 = c.put_blob(b"four").unwrap();
+        assert!(matches!(c.record(entry("r/d:1", &m4, 10, 4, &c)), Err(CacheError::Full { .. })));
+        c.set_in_use(in_use(&["r/a:1", "r/d:1"]));
+        let m4 = c.put_blob(b"four").unwrap();
+        assert_eq!(c.record(entry("r/d:1", &m4, 10, 4, &c)).unwrap(), vec!["r/c:1".to_string()]);
+    }
+
+    #[test]
+    fn a_corrupt_blob_found_on_read_drops_the_entries_using_it_and_tells_the_listener() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path(), 1 << 30).unwrap();
+        let told: std::sync::Arc<Mutex<Vec<String>>> = std::sync::Arc::default();
+        let sink = std::sync::Arc::clone(&told);
+        c.on_corrupt(move |references| sink.lock().unwrap().extend(references));
+        let (shared, own) = (c.put_blob(b"shared module").unwrap(), c.put_blob(b"own module").unwrap());
+        c.record(entry("r/a:1", &shared, 13, 1, &c)).unwrap();
+        c.record(entry("r/b:1", &shared, 13, 1, &c)).unwrap();
+        c.record(entry("r/c:1", &own, 10, 1, &c)).unwrap();
+
+        fs::write(c.blob_path(&shared).unwrap(), b"bit rot").unwrap();
+        assert!(matches!(c.get_blob(&shared), Err(CacheError::Corrupt(_))));
+        assert_eq!(*told.lock().unwrap(), vec!["r/a:1".to_string(), "r/b:1".to_string()]);
+        assert!(c.lookup("r/a:1").is_none() && c.lookup("r/b:1").is_none());
+        assert!(c.has_entry_intact("r/c:1"));
+        let after = c.entries();
+        drop(c);
+        assert_eq!(Cache::open(dir.path(), 1 << 30).unwrap().entries(), after, "the drop was persisted");
+
+        // Storing the right bytes over a corrupt copy (a publish finding it) mends it: its
+        // users are kept.
+        let c = Cache::open(dir.path(), 1 << 30).unwrap();
+        c.on_corrupt(|references| panic!("{references:?} dropped while being mended"));
+        fs::write(c.blob_path(&own).unwrap(), b"bit rot").unwrap();
+        assert_eq!(c.put_blob(b"own module").unwrap(), own);
+        assert_eq!(c.get_blob(&own).unwrap().as_deref(), Some(&b"own module"[..]));
+        assert!(c.has_entry_intact("r/c:1"));
     }
 
     #[test]

@@ -13,3 +13,4 @@ pub mod server;
 pub mod service;
 pub mod sign;
 pub mod sources;
+pub mod tls;

@@ -7,6 +7,7 @@ use registry_cache::cache::Cache;
 use registry_cache::pull::{parse_reference, PullOptions, Puller};
 use registry_cache::service::{Service, ServiceOptions};
 use registry_cache::sign::{self, PublicKey, Signer, SigningKey};
+use registry_cache::tls::ServerTls;
 use registry_cache::{auth, package, publish, render, sources};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -170,19 +171,31 @@ enum Command {
         key: Vec<PathBuf>,
         references: Vec<String>,
     },
-    /// Rewrite EnvoyExtensionPolicies to load their Wasm images from the cache over HTTP, pinned by sha256.
+    /// Rewrite EnvoyExtensionPolicies to load their Wasm images from the cache, pinned by sha256.
     Render {
         policy: PathBuf,
         #[arg(long)]
         cache_dir: PathBuf,
-        /// Where Envoy reaches the cache.
-        #[arg(long, default_value = "http://registry-cache.churn-guard-system.svc.cluster.local:5000")]
+        /// Where Envoy Gateway reaches the cache. With https://, the code source names the CA
+        /// to verify it with (--ca-certificate-ref).
+        #[arg(long, default_value = "https://registry-cache.churn-guard-system.svc.cluster.local:5000")]
         base_url: String,
         /// The key (at least 32 bytes) the serving cache signs private modules' URLs with.
         #[arg(long)]
         url_key: Option<PathBuf>,
+        /// `http`: a /wasm/<sha256>.wasm URL. `image`: the cache's OCI API, by digest (public
+        /// images only; needs https).
+        #[arg(long, value_enum, default_value_t = Code::Http)]
+        code: Code,
+        /// The Secret or ConfigMap with the CA (key `ca.crt`) that signed the cache's
+        /// certificate, as KIND/NAME.
+        #[arg(long, default_value = "Secret/registry-cache-tls")]
+        ca_certificate_ref: String,
+        /// Its namespace; policies elsewhere get a ReferenceGrant in it, written with them.
+        #[arg(long, default_value = "churn-guard-system")]
+        ca_certificate_namespace: String,
     },
-    /// Serve the cache: OCI distribution API (read-only), /wasm/<sha256>.wasm, /metrics, /healthz, /readyz.
+    /// Serve the cache: OCI distribution API (read-only), /wasm/<sha256>.wasm, /metrics, /status, /healthz, /readyz.
     Serve {
         #[arg(long)]
         cache_dir: PathBuf,
@@ -210,7 +223,48 @@ enum Command {
         /// the same key issues them.
         #[arg(long)]
         url_key: Option<PathBuf>,
+        #[command(flatten)]
+        transport: Transport,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Code {
+    Http,
+    Image,
+}
+
+/// TLS, or plain HTTP when asked for by name.
+#[derive(clap::Args, Clone)]
+struct Transport {
+    /// Serve HTTPS with this certificate chain (PEM, leaf first): `tls.crt` of a
+    /// kubernetes.io/tls Secret. Re-read when it changes.
+    #[arg(long, requires = "tls_key", conflicts_with = "plain_http")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM): `tls.key` of the same Secret.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// How often the certificate files are checked for a rotation.
+    #[arg(long, default_value_t = 10)]
+    tls_reload_seconds: u64,
+    /// Serve plain HTTP instead: module URLs and their tokens travel in clear text, and Envoy
+    /// Gateway does not accept an image source at an insecure registry.
+    #[arg(long)]
+    plain_http: bool,
+}
+
+impl Transport {
+    /// The pair to serve, loaded now so that a bad one stops `serve` before it starts.
+    fn load(&self) -> anyhow::Result<Option<std::sync::Arc<ServerTls>>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(ServerTls::load(cert, key)?)),
+            _ if self.plain_http => Ok(None),
+            _ => anyhow::bail!(
+                "serve needs --tls-cert and --tls-key (tls.crt and tls.key of a kubernetes.io/tls Secret), \
+                 or --plain-http to serve without TLS"
+            ),
+        }
+    }
 }
 
 #[tokio::main]
@@ -278,14 +332,38 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Render { policy, cache_dir, base_url, url_key } => {
+        Command::Render {
+            policy,
+            cache_dir,
+            base_url,
+            url_key,
+            code,
+            ca_certificate_ref,
+            ca_certificate_namespace,
+        } => {
+            let (kind, name) = ca_certificate_ref
+                .split_once('/')
+                .filter(|(k, n)| matches!(*k, "Secret" | "ConfigMap") && !n.is_empty() && !n.contains('/'))
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--ca-certificate-ref {ca_certificate_ref:?}: expected Secret/NAME or ConfigMap/NAME"
+                    )
+                })?;
+            let options = render::RenderOptions {
+                base_url,
+                code: match code {
+                    Code::Http => render::CodeSource::Http,
+                    Code::Image => render::CodeSource::Image,
+                },
+                ca: render::CaRef { kind: kind.into(), name: name.into(), namespace: ca_certificate_namespace },
+            };
             let yaml = std::fs::read_to_string(&policy)
                 .map_err(|e| anyhow::anyhow!("{}: {e} (expected EnvoyExtensionPolicy YAML)", policy.display()))?;
             let cache = Cache::open_read_only(&cache_dir)
                 .map_err(|e| anyhow::anyhow!("{e} (expected a cache that `serve` or `pull` wrote)"))?;
             let key = read_url_key(url_key.as_deref())?;
             let token = |ns: &str, module: &str| registry_cache::permissions::url_token(&key, ns, module);
-            print!("{}", render::render(&yaml, &base_url, |r| cache.lookup(r), token)?);
+            print!("{}", render::render_with(&yaml, &options, |r| cache.lookup(r), token)?);
             Ok(())
         }
         Command::Serve {
@@ -299,7 +377,9 @@ async fn main() -> anyhow::Result<()> {
             policies_dirs,
             signing,
             url_key,
+            transport,
         } => {
+            let tls = transport.load()?;
             let service = Service::start(ServiceOptions {
                 cache_dir,
                 max_cache_bytes,
@@ -311,8 +391,17 @@ async fn main() -> anyhow::Result<()> {
             })
             .await?;
             let listener = tokio::net::TcpListener::bind(listen).await?;
-            tracing::info!(addr = %listener.local_addr()?, "serving");
-            service.serve(listener, shutdown_signal()).await?;
+            match tls {
+                Some(tls) => {
+                    tls.spawn_reloader(Duration::from_secs(transport.tls_reload_seconds.max(1)));
+                    tracing::info!(addr = %listener.local_addr()?, "serving HTTPS");
+                    service.serve_tls(listener, &tls, shutdown_signal()).await?;
+                }
+                None => {
+                    tracing::warn!(addr = %listener.local_addr()?, "serving plain HTTP (--plain-http)");
+                    service.serve(listener, shutdown_signal()).await?;
+                }
+            }
             tracing::info!("stopped");
             Ok(())
         }

@@ -81,7 +81,36 @@ pub fn manifest(module: &str, module_size: u64, config: &str, config_size: u64, 
 
 #[cfg(test)]
 mod tests {
-    use super::served_name;
+    use super::*;
+    use crate::artifact::Format;
+    use crate::sign::SigningKey;
+
+    /// What deploy/README.md promises of replicas: pulling the same image, each with its own
+    /// cache and the same key, they serve the same manifest and the same signature.
+    #[test]
+    fn two_caches_with_one_key_publish_identical_manifests_and_signatures() {
+        let key_pem = SigningKey::generate().unwrap().to_pkcs8_pem().unwrap();
+        let pulled = Pulled {
+            reference: "reg.example/team/filter:v1".into(),
+            upstream_digest: format!("sha256:{}", "2".repeat(64)),
+            format: Format::Compat,
+            module: b"\0asm\x01\0\0\0 replica".to_vec(),
+            verified_by: vec![],
+        };
+        let publish_in_own_cache = || {
+            let dir = tempfile::tempdir().unwrap();
+            let cache = Cache::open(dir.path(), 1 << 30).unwrap();
+            let signer = Signer::new(SigningKey::from_pem(&key_pem, None).unwrap(), "cache:5000");
+            let entry = publish_signed(&cache, &pulled, true, Some(&signer)).unwrap();
+            let blobs: Vec<Vec<u8>> = [&entry.manifest, entry.signature.as_ref().unwrap()]
+                .into_iter()
+                .chain(&entry.extra_blobs)
+                .map(|d| cache.get_blob(d).unwrap().unwrap())
+                .collect();
+            (entry.manifest, entry.signature, entry.extra_blobs, blobs)
+        };
+        assert_eq!(publish_in_own_cache(), publish_in_own_cache());
+    }
 
     #[test]
     fn served_names_keep_registries_apart() {

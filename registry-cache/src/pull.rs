@@ -296,7 +296,7 @@ impl Puller {
     /// retries anonymously on it, so a token-service outage looked like a refusal.
     pub async fn can_read(&self, image: &str, auth: &RegistryAuth) -> Result<bool, String> {
         let reference = parse_reference(image).map_err(|e| e.to_string())?;
-        // A check is three small responses at most: bounding the whole of it (not only each
+        // A check is a few small responses: bounding the whole of it (not only each
         // wait) keeps a registry that trickles from holding a permission decision.
         let limit = self.options.read_timeout.min(CHECK_TIMEOUT);
         tokio::time::timeout(limit, self.check_access(&reference, auth))
@@ -358,6 +358,10 @@ impl Puller {
         }
     }
 }
+
+/// Requests one `Puller::can_read` sends at most, short of redirects: the `/v2/` challenge, a
+/// token, the manifest HEAD, and a GET when HEAD is not allowed.
+pub const MAX_UPSTREAM_REQUESTS_PER_CHECK: usize = 4;
 
 /// Longest an access check may take, when `read_timeout` does not make it shorter.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);

@@ -11,6 +11,7 @@ use crate::artifact::{digest_hex, OCI_MANIFEST};
 use crate::cache::{Cache, Entry};
 use crate::publish::served_name;
 use crate::pull::parse_reference;
+use crate::sources::{PrefetchReport, Prefetcher, TargetStatus};
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
@@ -19,12 +20,16 @@ use axum::routing::get;
 use axum::Router;
 use base64::Engine as _;
 use oci_client::secrets::RegistryAuth;
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub use crate::permissions::{AccessCheck, Permissions};
@@ -38,7 +43,8 @@ struct ServedLabels {
 pub struct AppState {
     pub cache: Arc<Cache>,
     pub permissions: Permissions,
-    pub ready: std::sync::atomic::AtomicBool,
+    /// The pre-puller, once the service has one: `/status` and the metrics report it.
+    prefetcher: Arc<OnceLock<Prefetcher>>,
     served: Family<ServedLabels, Counter>,
     registry: Registry,
 }
@@ -48,7 +54,23 @@ impl AppState {
         let mut registry = Registry::with_prefix("registry_cache");
         let served = Family::<ServedLabels, Counter>::default();
         registry.register("requests", "Requests served, by kind and outcome", served.clone());
-        Arc::new(Self { cache, permissions, ready: true.into(), served, registry })
+        registry.register(
+            "new_credentials_refused_unchecked",
+            "Requests with credentials the cache had no answer for, refused without asking the registry: over the budget for such checks",
+            permissions.refused_over_budget(),
+        );
+        let prefetcher = Arc::new(OnceLock::new());
+        registry.register_collector(Box::new(PrefetchCollector(Arc::clone(&prefetcher))));
+        Arc::new(Self { cache, permissions, prefetcher, served, registry })
+    }
+
+    /// Reports `prefetcher` in `/status` and the metrics from now on (the first one set stays).
+    pub fn report_prefetcher(&self, prefetcher: Prefetcher) {
+        let _ = self.prefetcher.set(prefetcher);
+    }
+
+    fn prefetch_report(&self) -> Option<PrefetchReport> {
+        self.prefetcher.get().map(Prefetcher::report)
     }
 
     /// Re-checks permission answers in the background for as long as the task runs.
@@ -69,6 +91,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/wasm/{file}", get(wasm_file))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/status", get(status))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
@@ -85,11 +108,116 @@ async fn api_root(headers: HeaderMap) -> Response {
     r
 }
 
+/// Ready whenever the server answers: it starts only once the cache is open, and from then on
+/// it serves everything cached. Images still being pulled, or failing, are reported by
+/// `/status` and the metrics, not here: waiting for them would keep what is cached offline.
 async fn readyz(State(s): State<Arc<AppState>>) -> Response {
-    if s.ready.load(std::sync::atomic::Ordering::Relaxed) {
-        "ready".into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+    let Some(report) = s.prefetch_report() else { return "ready\n".into_response() };
+    let count = |want: fn(&TargetStatus) -> bool| report.targets.iter().filter(|t| want(&t.status)).count();
+    format!(
+        "ready; pre-pulled {} of {} images, {} failing (see /status)\n",
+        count(|s| *s == TargetStatus::Ready),
+        report.targets.len(),
+        report.targets.iter().filter(|t| t.failures > 0).count()
+    )
+    .into_response()
+}
+
+fn status_name(status: &TargetStatus) -> &'static str {
+    match status {
+        TargetStatus::Pending => "pending",
+        TargetStatus::Ready => "ready",
+        TargetStatus::Failed(_) => "failed",
+    }
+}
+
+fn secret_label(target: &crate::sources::Target) -> String {
+    target.secret.as_ref().map(|s| format!("{}/{}", s.namespace, s.name)).unwrap_or_default()
+}
+
+/// What the pre-puller is doing, image by image, as JSON. Names images, pull Secrets, policies
+/// and errors, as the logs do; no credentials.
+async fn status(State(s): State<Arc<AppState>>) -> Response {
+    let Some(report) = s.prefetch_report() else {
+        return axum::Json(serde_json::json!({"policySources": false, "initialSyncSettled": true, "targets": []}))
+            .into_response();
+    };
+    let targets: Vec<_> = report
+        .targets
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "image": t.target.image,
+                "pullSecret": t.target.secret.as_ref().map(|_| secret_label(&t.target)),
+                "status": status_name(&t.status),
+                "consecutiveFailures": t.failures,
+                "lastError": t.last_error,
+                "policies": t.policies,
+            })
+        })
+        .collect();
+    axum::Json(serde_json::json!({
+        "policySources": true,
+        "initialSyncSettled": report.initial_sync_settled,
+        "targets": targets,
+    }))
+    .into_response()
+}
+
+/// The pre-puller's state, read at each scrape so that targets gone are gone from the metrics.
+struct PrefetchCollector(Arc<OnceLock<Prefetcher>>);
+
+impl std::fmt::Debug for PrefetchCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PrefetchCollector")
+    }
+}
+
+impl Collector for PrefetchCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(report) = self.0.get().map(Prefetcher::report) else { return Ok(()) };
+        let gauge = |encoder: &mut DescriptorEncoder, name: &str, help: &str, rows: Vec<(Vec<(&str, String)>, i64)>| {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for (labels, value) in rows {
+                ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+            }
+            Ok::<_, std::fmt::Error>(())
+        };
+        ConstGauge::new(i64::from(report.initial_sync_settled)).encode(encoder.encode_descriptor(
+            "prefetch_initial_sync_settled",
+            "1 once every image of the sources' initial sync was pulled or failed settleAttempts times",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        let by_status = ["pending", "ready", "failed"]
+            .into_iter()
+            .map(|name| {
+                let n = report.targets.iter().filter(|t| status_name(&t.status) == name).count();
+                (vec![("status", name.to_string())], n as i64)
+            })
+            .collect();
+        gauge(
+            &mut encoder,
+            "prefetch_targets",
+            "Images to pre-pull (one per image and pull secret), by status",
+            by_status,
+        )?;
+        let labels = |t: &crate::sources::TargetReport| {
+            vec![("image", t.target.image.clone()), ("pull_secret", secret_label(&t.target))]
+        };
+        gauge(
+            &mut encoder,
+            "prefetch_target_ready",
+            "1 when the image is cached and, with a pull secret, confirmed readable with it",
+            report.targets.iter().map(|t| (labels(t), i64::from(t.status == TargetStatus::Ready))).collect(),
+        )?;
+        gauge(
+            &mut encoder,
+            "prefetch_consecutive_failures",
+            "Failed pulls or access checks of the image since its last success",
+            report.targets.iter().map(|t| (labels(t), i64::from(t.failures))).collect(),
+        )?;
+        Ok(())
     }
 }
 
@@ -294,7 +422,7 @@ async fn wasm_file(
     let mut allowed = None;
     for e in &entries {
         let granted = match by_token {
-            Some(ns) => !e.private || s.permissions.namespace_allows(ns, &e.reference),
+            Some(ns) => !e.private || s.permissions.namespace_allows(ns, &e.reference).await,
             None => s.permissions.allows(e, auth.clone()).await,
         };
         if granted {
@@ -312,7 +440,12 @@ async fn wasm_file(
             s.count("wasm", "served");
             blob_response(&Method::GET, bytes, &digest, "application/wasm")
         }
-        _ => (StatusCode::NOT_FOUND, "not found").into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, "not found").into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, %digest, "refusing to serve a corrupt module");
+            s.count("wasm", "corrupt");
+            (StatusCode::NOT_FOUND, "not found").into_response()
+        }
     }
 }
 
@@ -356,7 +489,33 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()>,
     limits: ServerLimits,
 ) -> std::io::Result<()> {
-    const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+    serve_connections(listener, app, shutdown, limits, None).await
+}
+
+/// Serves `app` over HTTPS (HTTP/1.1 in TLS) until `shutdown` completes, with the
+/// certificate `tls` holds at each handshake, and the same limits as [`serve_with`]. The
+/// handshake counts against `header_read_timeout` too: a client that stalls it is cut off.
+/// A plain HTTP request gets a 400 saying to use https, as a hint for a misconfigured client.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()>,
+    limits: ServerLimits,
+    tls: &Arc<crate::tls::ServerTls>,
+) -> std::io::Result<()> {
+    let acceptor = tls.acceptor().map_err(std::io::Error::other)?;
+    serve_connections(listener, app, shutdown, limits, Some(acceptor)).await
+}
+
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()>,
+    limits: ServerLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> std::io::Result<()> {
     const ACCEPT_RETRY: Duration = Duration::from_millis(100);
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     tokio::pin!(shutdown);
@@ -377,21 +536,58 @@ pub async fn serve_with(
             },
             () = &mut shutdown => return Ok(()),
         };
-        let app = app.clone();
+        let (app, tls) = (app.clone(), tls.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            let mut first = [0u8; 1];
-            match tokio::time::timeout(limits.header_read_timeout, stream.peek(&mut first)).await {
-                Ok(Ok(1)) if first[0] != TLS_HANDSHAKE_RECORD => {}
-                _ => return,
-            }
             let service = hyper_util::service::TowerToHyperService::new(app);
-            let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
+            let http = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
-                .serve_connection(io, service)
-                .await;
+                .clone();
+            let mut first = [0u8; 1];
+            let Some(acceptor) = tls else {
+                match tokio::time::timeout(limits.header_read_timeout, stream.peek(&mut first)).await {
+                    Ok(Ok(1)) if first[0] != TLS_HANDSHAKE_RECORD => {}
+                    _ => return,
+                }
+                let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+                return;
+            };
+            let handshake = async {
+                match stream.peek(&mut first).await {
+                    Ok(1) if first[0] == TLS_HANDSHAKE_RECORD => acceptor.accept(stream).await.map(Some),
+                    Ok(1) => {
+                        refuse_plain_http(stream).await;
+                        Ok(None)
+                    }
+                    Ok(_) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            };
+            match tokio::time::timeout(limits.header_read_timeout, handshake).await {
+                Ok(Ok(Some(stream))) => {
+                    let _ = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await;
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!("TLS handshake timed out"),
+            }
         });
     }
+}
+
+/// Answers a plain HTTP request on the TLS port and closes. What has arrived of the request
+/// is read first (and dropped): closing with unread data would reset the connection, and the
+/// client could lose the answer.
+async fn refuse_plain_http(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut request = [0u8; 4096];
+    let _ = stream.read(&mut request).await;
+    const BODY: &str = "this port speaks TLS: use https://\n";
+    let response = format!(
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }

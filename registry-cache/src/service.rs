@@ -9,7 +9,6 @@ use crate::sign::{self, Signer};
 use crate::sources::{self, AccessEvent, Prefetcher};
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -43,11 +42,16 @@ impl Drop for Service {
 }
 
 impl Service {
-    /// Opens the cache and starts the sources; `/readyz` says ready once their initial sync is
-    /// pre-pulled.
+    /// Opens the cache and starts the sources. The server is ready as soon as it serves: what
+    /// the sources want pulled is reported by `/status` and the metrics.
     pub async fn start(options: ServiceOptions) -> anyhow::Result<Self> {
         let cache = Arc::new(Cache::open(&options.cache_dir, options.max_cache_bytes)?);
         drop_unverified(&cache, &options.pull.require_signature)?;
+        // Entries dropped for a corrupt blob found while serving, to be pulled again.
+        let (corrupt_tx, mut corrupt_rx) = tokio::sync::mpsc::unbounded_channel::<Vec<String>>();
+        cache.on_corrupt(move |references| {
+            let _ = corrupt_tx.send(references);
+        });
         let mut tasks = vec![];
         if let Some(signer) = options.signer.clone() {
             // What an earlier run cached without a key; new artifacts are signed as they come.
@@ -75,11 +79,12 @@ impl Service {
         });
         let prefetcher = sources::start(&options.settings, fetcher, hook).await?;
         if let Some(prefetcher) = &prefetcher {
-            state.ready.store(false, Ordering::Relaxed);
-            let (state, prefetcher) = (Arc::clone(&state), prefetcher.clone());
+            state.report_prefetcher(prefetcher.clone());
+            let prefetcher = prefetcher.clone();
             tasks.push(tokio::spawn(async move {
-                prefetcher.wait_ready().await;
-                state.ready.store(true, Ordering::Relaxed);
+                while let Some(references) = corrupt_rx.recv().await {
+                    prefetcher.repull(&references);
+                }
             }));
         }
         Ok(Self { state, prefetcher, tasks })
@@ -94,10 +99,23 @@ impl Service {
         server::serve(listener, server::router(Arc::clone(&self.state)), shutdown).await
     }
 
-    /// Waits until `/readyz` would say ready.
-    pub async fn wait_ready(&self) {
+    /// Serves over HTTPS with the pair `tls` holds (reload it with
+    /// [`crate::tls::ServerTls::spawn_reloader`]) until `shutdown` completes.
+    pub async fn serve_tls(
+        &self,
+        listener: tokio::net::TcpListener,
+        tls: &Arc<crate::tls::ServerTls>,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let app = server::router(Arc::clone(&self.state));
+        server::serve_tls(listener, app, shutdown, server::ServerLimits::default(), tls).await
+    }
+
+    /// Waits until the sources' initial sync has settled: each image pulled, or failed
+    /// `settle_attempts` times (`initialSyncSettled` in `/status`).
+    pub async fn wait_settled(&self) {
         if let Some(p) = &self.prefetcher {
-            p.wait_ready().await;
+            p.wait_settled().await;
         }
     }
 

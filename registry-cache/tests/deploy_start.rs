@@ -1,7 +1,11 @@
 //! `deploy/` as shipped must start: render it with `kubectl kustomize`, lay out the files
 //! exactly as the kubelet would mount them (a Secret volume with `items` holds those keys
-//! only), run the real binary with the rendered args, and wait for `/readyz`. The Kubernetes
-//! API it watches is a stand-in on loopback that lists no policies and keeps the watch open.
+//! only), run the real binary with the rendered args, and wait for `/readyz` over HTTPS,
+//! trusting only the CA of the TLS Secret, and for `/status` to show the policy list read. The
+//! Kubernetes API it watches is a stand-in on loopback that lists no policies and keeps the
+//! watch open.
+
+mod common;
 
 use bytes::Bytes;
 use harness::envoy::workspace_root;
@@ -20,7 +24,7 @@ use tokio::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_registry-cache");
 
-fn rendered_deployment() -> Value {
+fn rendered_statefulset() -> Value {
     let kubectl = std::env::var_os("KUBECTL").unwrap_or_else(|| "kubectl".into());
     let out = std::process::Command::new(&kubectl)
         .arg("kustomize")
@@ -29,10 +33,10 @@ fn rendered_deployment() -> Value {
         .expect("kubectl kustomize (run scripts/setup.sh, or set KUBECTL)");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8(out.stdout).expect("utf-8");
-    let deployment = serde_yaml_ng::Deserializer::from_str(&text)
+    let workload = serde_yaml_ng::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
-        .find(|d: &Value| d["kind"] == "Deployment");
-    deployment.expect("a Deployment")
+        .find(|d: &Value| d["kind"] == "StatefulSet");
+    workload.expect("a StatefulSet")
 }
 
 /// A Kubernetes API with no EnvoyExtensionPolicy: lists are empty, watches stay open.
@@ -61,18 +65,39 @@ async fn empty_api_server() -> std::net::SocketAddr {
     addr
 }
 
-/// The user's Secret, as `deploy/README.md` says to create it, keyed by Secret key.
-fn user_secret(url_key: &[u8]) -> BTreeMap<String, Vec<u8>> {
+type Secrets = BTreeMap<&'static str, BTreeMap<String, Vec<u8>>>;
+
+/// The user's Secrets, as `deploy/README.md` says to create them: by name, then by key. The
+/// TLS Secret holds a leaf of `ca` and the CA, as cert-manager writes it.
+fn user_secrets(url_key: &[u8], ca: &common::TestCa) -> Secrets {
     let key = SigningKey::generate().expect("key").to_pkcs8_pem().expect("pem");
-    BTreeMap::from([("cosign.key".to_string(), key.into_bytes()), ("url.key".to_string(), url_key.to_vec())])
+    let (crt, tls_key) = ca.leaf();
+    BTreeMap::from([
+        (
+            "registry-cache-signing-key",
+            BTreeMap::from([("cosign.key".to_string(), key.into_bytes()), ("url.key".to_string(), url_key.to_vec())]),
+        ),
+        (
+            "registry-cache-tls",
+            BTreeMap::from([
+                ("tls.crt".to_string(), crt),
+                ("tls.key".to_string(), tls_key),
+                ("ca.crt".to_string(), ca.cert.clone()),
+            ]),
+        ),
+    ])
 }
 
-/// Mounts the pod's volumes under `root` as the kubelet would and returns the container's
-/// args with paths under `root`, listening on `listen`.
-fn lay_out(deployment: &Value, root: &Path, secret: &BTreeMap<String, Vec<u8>>, listen: &str) -> Vec<String> {
-    let pod = &deployment["spec"]["template"]["spec"];
+/// Mounts the pod's volumes under `root` as the kubelet would (a claim from the StatefulSet's
+/// volumeClaimTemplates as an empty directory) and returns the container's args with paths
+/// under `root`, listening on `listen`.
+fn lay_out(workload: &Value, root: &Path, secrets: &Secrets, listen: &str) -> Vec<String> {
+    let pod = &workload["spec"]["template"]["spec"];
     let container = &pod["containers"][0];
-    let volumes = pod["volumes"].as_array().cloned().unwrap_or_default();
+    let mut volumes = pod["volumes"].as_array().cloned().unwrap_or_default();
+    for claim in workload["spec"]["volumeClaimTemplates"].as_array().cloned().unwrap_or_default() {
+        volumes.push(serde_json::json!({"name": claim["metadata"]["name"], "persistentVolumeClaim": {}}));
+    }
     let mut mounts = vec![];
     for m in container["volumeMounts"].as_array().cloned().unwrap_or_default() {
         let path = m["mountPath"].as_str().expect("mountPath").to_string();
@@ -80,7 +105,10 @@ fn lay_out(deployment: &Value, root: &Path, secret: &BTreeMap<String, Vec<u8>>, 
         std::fs::create_dir_all(&dir).expect("mount dir");
         let volume = volumes.iter().find(|v| v["name"] == m["name"]).expect("volume");
         if let Some(s) = volume.get("secret") {
-            assert_eq!(s["secretName"], "registry-cache-signing-key");
+            let name = s["secretName"].as_str().expect("secretName");
+            let secret = secrets
+                .get(name)
+                .unwrap_or_else(|| panic!("deploy/ mounts Secret {name}, which no README step creates"));
             match s["items"].as_array() {
                 // Only the listed keys become files, under their paths.
                 Some(items) => {
@@ -138,17 +166,23 @@ fn serve(args: &[String], kubeconfig: &Path) -> Command {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_shipped_deployment_starts_and_becomes_ready() {
+async fn the_shipped_statefulset_starts_and_becomes_ready() {
     let dir = tempfile::tempdir().expect("tempdir");
     let api = empty_api_server().await;
     let kubeconfig = kubeconfig(dir.path(), api);
     let listen = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").to_string();
     let root = dir.path().join("pod");
-    let args = lay_out(&rendered_deployment(), &root, &user_secret(&[0x5a; 32]), &listen);
+    let ca = common::TestCa::new(dir.path(), "deploy");
+    let args = lay_out(&rendered_statefulset(), &root, &user_secrets(&[0x5a; 32], &ca), &listen);
     let mut child = serve(&args, &kubeconfig).spawn().expect("registry-cache");
-    let client = reqwest::Client::new();
+    let client = common::https_client(&ca.cert);
+    let base = format!("https://localhost:{}", listen.rsplit(':').next().expect("port"));
+    // Ready over HTTPS, and the policy list (empty) read from the API server with the rendered args.
     let ready = harness::eventually(Duration::from_secs(60), || async {
-        client.get(format!("http://{listen}/readyz")).send().await.is_ok_and(|r| r.status() == 200)
+        let ready = common::get_ok(&client, &format!("{base}/readyz")).await;
+        let Ok(status) = client.get(format!("{base}/status")).send().await else { return false };
+        let status: Value = serde_json::from_str(&status.text().await.unwrap_or_default()).unwrap_or_default();
+        ready && status["policySources"] == true && status["initialSyncSettled"] == true
     })
     .await;
     if !ready {
@@ -169,7 +203,8 @@ async fn the_example_secrets_placeholder_url_key_is_refused() {
     assert!(placeholder.len() >= 32, "long enough to pass a length check: that is the point");
     let kubeconfig = kubeconfig(dir.path(), empty_api_server().await);
     let listen = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").to_string();
-    let args = lay_out(&rendered_deployment(), &dir.path().join("pod"), &user_secret(&placeholder), &listen);
+    let ca = common::TestCa::new(dir.path(), "deploy");
+    let args = lay_out(&rendered_statefulset(), &dir.path().join("pod"), &user_secrets(&placeholder, &ca), &listen);
     let out = tokio::time::timeout(Duration::from_secs(30), serve(&args, &kubeconfig).output())
         .await
         .expect("exits at once")

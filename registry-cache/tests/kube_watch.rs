@@ -9,7 +9,8 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use oci_client::secrets::RegistryAuth;
 use registry_cache::sources::kubernetes::{self, KubeSecrets};
 use registry_cache::sources::{
-    AccessEvent, AccessHook, FetchError, ImageFetcher, PrefetchConfig, Prefetcher, SecretRef, Target,
+    AccessEvent, AccessHook, Bindings, FetchError, ImageFetcher, PrefetchConfig, Prefetcher, SecretRef, Target,
+    TargetStatus,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::convert::Infallible;
@@ -35,6 +36,8 @@ enum Step {
     Watch { resource_version: &'static str, events: &'static str },
     /// A watch from RV that stays open with nothing to say: the end of the recording.
     WatchIdle { resource_version: &'static str },
+    /// As `Watch`, with the events sent only once the test adds a permit to `gate`.
+    WatchGated { resource_version: &'static str, events: &'static str, gate: Arc<tokio::sync::Semaphore> },
 }
 
 #[derive(Default)]
@@ -48,8 +51,9 @@ struct Log {
 #[derive(Clone)]
 struct Replay {
     steps: Arc<Vec<Step>>,
-    /// Path -> fixture, answered whenever asked (pull secrets are read when needed).
-    gets: Arc<HashMap<String, &'static str>>,
+    /// Path -> status and fixture, answered whenever asked (pull secrets are read when needed,
+    /// and again periodically); the test may change the answer.
+    gets: Arc<Mutex<HashMap<String, (StatusCode, &'static str)>>>,
     log: Arc<Mutex<Log>>,
 }
 
@@ -76,9 +80,14 @@ impl Replay {
     fn new(steps: Vec<Step>, gets: &[(&str, &'static str)]) -> Self {
         Self {
             steps: Arc::new(steps),
-            gets: Arc::new(gets.iter().map(|(p, f)| (p.to_string(), *f)).collect()),
+            gets: Arc::new(Mutex::new(gets.iter().map(|(p, f)| (p.to_string(), (StatusCode::OK, *f))).collect())),
             log: Arc::default(),
         }
+    }
+
+    /// From now on, GET `path` is answered `status` with `fixture`.
+    fn set_get(&self, path: &str, status: StatusCode, fixture: &'static str) {
+        self.gets.lock().unwrap().insert(path.to_string(), (status, fixture));
     }
 
     fn client(&self) -> kube::Client {
@@ -104,11 +113,12 @@ impl Replay {
         if req.method() != http::Method::GET {
             return self.fail(format!("unexpected method: {} {uri}", req.method()));
         }
-        if let Some(name) = self.gets.get(&path) {
+        let get = self.gets.lock().unwrap().get(&path).copied();
+        if let Some((status, name)) = get {
             if !q.is_empty() {
                 return self.fail(format!("unexpected query on {uri}"));
             }
-            return full(StatusCode::OK, fixture(name));
+            return full(status, fixture(name));
         }
         if path != POLICIES {
             return self.fail(format!("unexpected request: GET {uri}"));
@@ -129,7 +139,9 @@ impl Replay {
                 }
                 full(StatusCode::OK, fixture(name))
             }
-            Step::Watch { resource_version, .. } | Step::WatchIdle { resource_version } => {
+            Step::Watch { resource_version, .. }
+            | Step::WatchIdle { resource_version }
+            | Step::WatchGated { resource_version, .. } => {
                 let problems: Vec<String> =
                     [("watch", "true"), ("allowWatchBookmarks", "true"), ("resourceVersion", resource_version)]
                         .iter()
@@ -141,6 +153,16 @@ impl Replay {
                 }
                 if let Step::Watch { events, .. } = step {
                     full(StatusCode::OK, fixture(events))
+                } else if let Step::WatchGated { events, gate, .. } = step {
+                    let (gate, bytes) = (Arc::clone(gate), Bytes::from(fixture(events)));
+                    let body = futures::stream::once(async move {
+                        let _open = gate.acquire().await;
+                        Ok::<_, Infallible>(http_body::Frame::data(bytes))
+                    });
+                    let mut r = Response::new(BodyExt::boxed(StreamBody::new(body)));
+                    r.headers_mut()
+                        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                    r
                 } else {
                     self.log.lock().unwrap().idle = true;
                     let pending = futures::stream::pending::<Result<http_body::Frame<Bytes>, Infallible>>();
@@ -213,22 +235,49 @@ struct Harness {
     fetcher: Arc<CountingFetcher>,
     prefetcher: Prefetcher,
     outcomes: Arc<Mutex<Vec<(String, RegistryAuth, bool)>>>,
+    /// The namespace bindings last published.
+    bindings: Arc<Mutex<Bindings>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl Harness {
+    /// Whether `namespace` is bound to `repository` through the credentials `auth`.
+    fn bound(&self, namespace: &str, repository: &str, auth: &RegistryAuth) -> bool {
+        let bindings = self.bindings.lock().unwrap();
+        bindings.get(&(namespace.into(), repository.into())).is_some_and(|creds| creds.iter().any(|c| c.auth == *auth))
+    }
+
+    /// Waits (up to 30 s) until `bound` says `want`.
+    async fn wait_bound(&self, namespace: &str, repository: &str, auth: &RegistryAuth, want: bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.bound(namespace, repository, auth) != want {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{namespace} bound to {repository}: want {want}; bindings {:?}; requests {:#?}",
+                self.bindings.lock().unwrap(),
+                self.replay.log.lock().unwrap().requests
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 fn start(replay: Replay) -> Harness {
     let client = replay.client();
     let fetcher = Arc::new(CountingFetcher::default());
     let outcomes = Arc::new(Mutex::new(vec![]));
-    let recorded = Arc::clone(&outcomes);
-    let hook: AccessHook = Arc::new(move |event| {
-        if let AccessEvent::Checked { image, auth, allowed, .. } = event {
-            recorded.lock().unwrap().push((image.to_string(), auth.clone(), allowed));
+    let bindings: Arc<Mutex<Bindings>> = Arc::default();
+    let (recorded, published) = (Arc::clone(&outcomes), Arc::clone(&bindings));
+    let hook: AccessHook = Arc::new(move |event| match event {
+        AccessEvent::Checked { image, auth, allowed, .. } => {
+            recorded.lock().unwrap().push((image.to_string(), auth.clone(), allowed))
         }
+        AccessEvent::Bindings(b) => *published.lock().unwrap() = b.clone(),
     });
     let config = PrefetchConfig {
         always_refresh: Duration::ZERO,
         initial_backoff: Duration::from_millis(10),
+        secret_recheck: Duration::from_millis(50),
         ..PrefetchConfig::default()
     };
     let prefetcher = Prefetcher::new(
@@ -239,12 +288,18 @@ fn start(replay: Replay) -> Harness {
         &[kubernetes::SOURCE],
     );
     let task = tokio::spawn(kubernetes::run(client, prefetcher.clone()));
-    Harness { replay, fetcher, prefetcher, outcomes, task }
+    Harness { replay, fetcher, prefetcher, outcomes, bindings, task }
 }
 
 const AUTH: &str = "registry.example.com/team-a/auth:v1";
 const HEADERS: &str = "ghcr.io/example/headers:latest";
 const RATELIMIT: &str = "ghcr.io/example/ratelimit:v2";
+const AUTH_REPOSITORY: &str = "registry.example.com/team-a/auth";
+const REGCRED: &str = "/api/v1/namespaces/team-a/secrets/regcred";
+
+fn team_a_auth() -> RegistryAuth {
+    RegistryAuth::Basic("team-a-puller".into(), "s3cret-a".into())
+}
 
 #[tokio::test]
 async fn list_watch_bookmark_gone_relist() {
@@ -259,9 +314,9 @@ async fn list_watch_bookmark_gone_relist() {
         &[("/api/v1/namespaces/team-a/secrets/regcred", "secret-team-a-regcred.json")],
     );
     let h = start(replay);
-    tokio::time::timeout(Duration::from_secs(30), h.prefetcher.wait_ready())
+    tokio::time::timeout(Duration::from_secs(30), h.prefetcher.wait_settled())
         .await
-        .expect("ready after the initial list");
+        .expect("settled after the initial list");
     h.replay.played().await;
     h.prefetcher.wait_idle().await;
 
@@ -309,7 +364,7 @@ async fn modified_and_deleted_events() {
     let h = start(replay);
     h.replay.played().await;
     h.prefetcher.wait_idle().await;
-    assert!(*h.prefetcher.ready().borrow());
+    assert!(*h.prefetcher.settled().borrow());
     assert_eq!(h.prefetcher.desired_images(), BTreeSet::from(["ghcr.io/example/edge:latest".to_string()]));
     // `:latest` defaults to Always: the MODIFIED event (new resourceVersion) pulled it again.
     assert_eq!(h.fetcher.pulls_of("ghcr.io/example/edge:latest").len(), 2);
@@ -328,4 +383,55 @@ async fn unexpected_requests_fail_the_replay() {
     let client = replay.client();
     let _ = client.request_text(Request::get(POLICIES).body(vec![]).unwrap()).await;
     assert_eq!(replay.log.lock().unwrap().failures.len(), 1);
+}
+
+/// The pull Secret is read again while its policy stays: deleted (404 from the API server),
+/// the namespace is unbound; created again, it is bound again.
+#[tokio::test]
+async fn a_deleted_pull_secret_unbinds_its_namespace() {
+    let replay = Replay::new(
+        vec![Step::List("list-initial.json"), Step::WatchIdle { resource_version: "1002" }],
+        &[(REGCRED, "secret-team-a-regcred.json")],
+    );
+    let h = start(replay);
+    h.replay.played().await;
+    h.wait_bound("team-a", AUTH_REPOSITORY, &team_a_auth(), true).await;
+
+    h.replay.set_get(REGCRED, StatusCode::NOT_FOUND, "secret-team-a-regcred-not-found.json");
+    h.wait_bound("team-a", AUTH_REPOSITORY, &team_a_auth(), false).await;
+    let status = h.prefetcher.desired().into_iter().find(|(t, _)| t.image == AUTH).map(|(_, s)| s);
+    assert!(matches!(status, Some(TargetStatus::Failed(ref e)) if e.contains("not found")), "{status:?}");
+    assert_eq!(h.fetcher.pulls_of(AUTH).len(), 1, "nothing pulled without the secret");
+
+    h.replay.set_get(REGCRED, StatusCode::OK, "secret-team-a-regcred.json");
+    h.wait_bound("team-a", AUTH_REPOSITORY, &team_a_auth(), true).await;
+    let reads = h.replay.log.lock().unwrap().requests.iter().filter(|r| r.contains(REGCRED)).count();
+    assert!(reads >= 3, "the Secret is read again, by name: {reads} reads");
+    h.task.abort();
+}
+
+/// A DELETED event for the policy that bound a namespace unbinds it.
+#[tokio::test]
+async fn a_deleted_policy_unbinds_its_namespace() {
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let replay = Replay::new(
+        vec![
+            Step::List("list-initial.json"),
+            Step::WatchGated {
+                resource_version: "1002",
+                events: "watch-delete-auth-filter.jsonl",
+                gate: Arc::clone(&gate),
+            },
+            Step::WatchIdle { resource_version: "1003" },
+        ],
+        &[(REGCRED, "secret-team-a-regcred.json")],
+    );
+    let h = start(replay);
+    h.wait_bound("team-a", AUTH_REPOSITORY, &team_a_auth(), true).await;
+    gate.add_permits(1);
+    h.replay.played().await;
+    h.wait_bound("team-a", AUTH_REPOSITORY, &team_a_auth(), false).await;
+    assert!(!h.prefetcher.desired_images().contains(AUTH));
+    assert!(h.bindings.lock().unwrap().is_empty(), "{:?}", h.bindings.lock().unwrap());
+    h.task.abort();
 }

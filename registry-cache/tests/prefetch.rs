@@ -23,6 +23,8 @@ struct CountingFetcher {
     /// Pulls of these images are refused as unauthorized.
     denied: Mutex<BTreeSet<String>>,
     delay: Option<Duration>,
+    /// Every in-use set the cache was told, in order.
+    in_use: Mutex<Vec<Option<BTreeSet<String>>>>,
 }
 
 impl CountingFetcher {
@@ -32,6 +34,10 @@ impl CountingFetcher {
 
     fn total(&self) -> usize {
         self.pulls.lock().unwrap().len()
+    }
+
+    fn last_in_use(&self) -> Option<Option<BTreeSet<String>>> {
+        self.in_use.lock().unwrap().last().cloned()
     }
 }
 
@@ -61,6 +67,10 @@ impl ImageFetcher for CountingFetcher {
     fn can_read<'a>(&'a self, image: &'a str, _auth: &'a RegistryAuth) -> BoxFuture<'a, Result<bool, String>> {
         let allowed = !self.denied.lock().unwrap().contains(image);
         Box::pin(async move { Ok(allowed) })
+    }
+
+    fn set_in_use(&self, images: Option<&BTreeSet<String>>) {
+        self.in_use.lock().unwrap().push(images.cloned());
     }
 }
 
@@ -121,7 +131,7 @@ async fn directory_scans_behave_like_watch_events() {
     let mut scanner = Scanner::new(vec![dir.path().to_path_buf()]);
 
     scanner.sync(&p, &secrets);
-    tokio::time::timeout(Duration::from_secs(10), p.wait_ready()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), p.wait_settled()).await.unwrap();
     let alice = RegistryAuth::Basic("alice".into(), "pw".into());
     assert_eq!(fetcher.pulls_of(PRIVATE), vec![alice.clone()]);
     assert_eq!(outcomes.lock().unwrap().as_slice(), &[(PRIVATE.to_string(), alice, true)]);
@@ -163,7 +173,7 @@ async fn the_directory_is_rescanned_on_an_interval() {
     let secrets = FileSecrets::default();
     let (p, _) = prefetcher(&fetcher, secrets.clone(), &[files::SOURCE]);
     let task = tokio::spawn(files::run(vec![dir.path().to_path_buf()], Duration::from_millis(50), p.clone(), secrets));
-    tokio::time::timeout(Duration::from_secs(10), p.wait_ready()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), p.wait_settled()).await.unwrap();
     assert!(p.desired_images().is_empty());
     write(dir.path(), "a.yml", &policy_yaml("default", "a", "ghcr.io/example/a:v1", ""));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -193,7 +203,7 @@ async fn always_repulls_on_change_if_not_present_does_not() {
     let always = "ghcr.io/example/edge"; // no tag: `:latest`, Always
     let pinned = "ghcr.io/example/pinned:v1";
     p.resync("test", vec![record("ns", "a", "1", always, ""), record("ns", "b", "1", pinned, "")]);
-    p.wait_ready().await;
+    p.wait_settled().await;
     p.wait_idle().await;
     p.upsert("test", record("ns", "a", "2", always, ""));
     p.upsert("test", record("ns", "b", "2", pinned, ""));
@@ -260,7 +270,7 @@ async fn one_pull_per_image_and_credential() {
             ),
         ],
     );
-    tokio::time::timeout(Duration::from_secs(10), p.wait_ready()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), p.wait_settled()).await.unwrap();
     p.wait_idle().await;
     assert_eq!(fetcher.pulls_of("ghcr.io/example/shared:v1"), vec![RegistryAuth::Anonymous]);
     let mut private = fetcher.pulls_of(PRIVATE);
@@ -276,25 +286,34 @@ async fn one_pull_per_image_and_credential() {
 }
 
 #[tokio::test]
-async fn failures_are_retried_with_backoff_and_do_not_hold_readiness_forever() {
+async fn failures_are_retried_with_backoff_and_reported_and_the_initial_sync_settles() {
     let fetcher = Arc::new(CountingFetcher { fail_first: AtomicU32::new(2), ..Default::default() });
     let (p, _) = prefetcher(&fetcher, FileSecrets::default(), &["test"]);
     p.resync("test", vec![record("ns", "a", "1", "ghcr.io/example/flaky:v1", "")]);
-    p.wait_ready().await;
+    p.wait_settled().await;
     p.wait_idle().await;
     assert_eq!(fetcher.pulls_of("ghcr.io/example/flaky:v1").len(), 3, "two failures, then success");
     assert_eq!(p.desired().values().next(), Some(&TargetStatus::Ready));
+    let report = p.report();
+    assert_eq!((report.targets[0].failures, &report.targets[0].last_error), (0, &None), "a success clears failures");
+    assert_eq!(report.targets[0].policies, vec!["ns/a".to_string()]);
 
-    // Never succeeding: ready after `settle_attempts` failures, retries go on.
+    // Never succeeding: settled after `settle_attempts` failures, retries go on, and the
+    // failures are reported for the image.
     let fetcher = Arc::new(CountingFetcher { fail_first: AtomicU32::new(u32::MAX), ..Default::default() });
     let (p, _) = prefetcher(&fetcher, FileSecrets::default(), &["test"]);
     p.resync("test", vec![record("ns", "a", "1", "ghcr.io/example/down:v1", "")]);
-    tokio::time::timeout(Duration::from_secs(10), p.wait_ready()).await.unwrap();
-    let after_ready = fetcher.total();
-    assert!(after_ready >= 3);
+    tokio::time::timeout(Duration::from_secs(10), p.wait_settled()).await.unwrap();
+    let after_settled = fetcher.total();
+    assert!(after_settled >= 3);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(fetcher.total() > after_ready, "still retrying in the background");
+    assert!(fetcher.total() > after_settled, "still retrying in the background");
     assert!(matches!(p.desired().values().next(), Some(TargetStatus::Failed(_))));
+    let report = p.report();
+    assert!(report.initial_sync_settled);
+    assert_eq!(report.targets.len(), 1);
+    assert!(report.targets[0].failures >= 3, "{report:?}");
+    assert_eq!(report.targets[0].last_error.as_deref(), Some("registry unavailable"));
     // Gone from the desired set: retries stop.
     p.resync("test", vec![]);
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -322,7 +341,7 @@ async fn denied_and_missing_secrets() {
             record("a", "p2", "1", "ghcr.io/example/other:v1", "        pullSecretRef:\n          name: missing\n"),
         ],
     );
-    tokio::time::timeout(Duration::from_secs(10), p.wait_ready()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), p.wait_settled()).await.unwrap();
     // Denied: told to the permission layer, not retried.
     assert_eq!(fetcher.pulls_of(PRIVATE).len(), 1);
     let mallory = RegistryAuth::Basic("mallory".into(), "x".into());
@@ -363,7 +382,11 @@ async fn namespace_bindings_follow_policies_and_credentials() {
     let one = "        pullSecretRef:\n          name: one\n";
     let repo = "registry.example.com/team-a/auth".to_string();
     let alice = credential_hash(&RegistryAuth::Basic("alice".into(), "pw".into()));
-    let bound = |ns: &str| bindings.lock().unwrap().get(&(ns.to_string(), repo.clone())) == Some(&vec![alice]);
+    let bound = |ns: &str| {
+        let hashes =
+            bindings.lock().unwrap().get(&(ns.to_string(), repo.clone())).map(|c| c.iter().map(|c| c.hash()).collect());
+        hashes == Some(vec![alice])
+    };
 
     p.resync(
         "t",
@@ -374,7 +397,7 @@ async fn namespace_bindings_follow_policies_and_credentials() {
             record("b", "p3", "1", PRIVATE, one),
         ],
     );
-    p.wait_ready().await;
+    p.wait_settled().await;
     p.wait_idle().await;
     assert!(bound("a") && bound("b"), "{:?}", bindings.lock().unwrap());
 
@@ -395,4 +418,103 @@ async fn namespace_bindings_follow_policies_and_credentials() {
     p.upsert("t", record("d", "p5", "1", "registry.example.com/team-a/auth:v4", one));
     p.wait_idle().await;
     assert!(!bound("d"));
+}
+
+/// Directory mode: a namespace stays bound only while its policy and its pull Secret are on
+/// disk. The Secret is read again while the policy stays: removed, the namespace is unbound;
+/// changed, it is bound through the new credentials only; the policy removed, unbound.
+#[tokio::test]
+async fn a_removed_pull_secret_or_policy_file_unbinds_its_namespace() {
+    use registry_cache::sources::Bindings;
+    let dir = tempfile::tempdir().unwrap();
+    let with_secret = "        pullSecretRef:\n          name: regcred\n";
+    write(dir.path(), "policy.yaml", &policy_yaml("team-a", "auth", PRIVATE, with_secret));
+    let secret = |user: &str| secret_yaml("team-a", "regcred", "registry.example.com", user, "pw");
+    write(dir.path(), "secret.yaml", &secret("alice"));
+    let fetcher = Arc::new(CountingFetcher::default());
+    let secrets = FileSecrets::default();
+    let bindings: Arc<Mutex<Bindings>> = Arc::default();
+    let published = Arc::clone(&bindings);
+    let hook: AccessHook = Arc::new(move |event| {
+        if let AccessEvent::Bindings(b) = event {
+            *published.lock().unwrap() = b.clone();
+        }
+    });
+    let config = PrefetchConfig {
+        always_refresh: Duration::ZERO,
+        initial_backoff: Duration::from_millis(5),
+        max_backoff: Duration::from_millis(20),
+        secret_recheck: Duration::from_millis(20),
+        ..PrefetchConfig::default()
+    };
+    let p = Prefetcher::new(
+        config,
+        Arc::clone(&fetcher) as Arc<dyn ImageFetcher>,
+        Arc::new(secrets.clone()),
+        hook,
+        &[files::SOURCE],
+    );
+    let task = tokio::spawn(files::run(vec![dir.path().to_path_buf()], Duration::from_millis(20), p.clone(), secrets));
+    let repo = ("team-a".to_string(), "registry.example.com/team-a/auth".to_string());
+    let users = || -> Vec<RegistryAuth> {
+        bindings.lock().unwrap().get(&repo).map(|c| c.iter().map(|c| c.auth.clone()).collect()).unwrap_or_default()
+    };
+    let basic = |user: &str| RegistryAuth::Basic(user.into(), "pw".into());
+    let wait_for = |want: Vec<RegistryAuth>, what: &'static str| {
+        let users = &users;
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while users() != want {
+                assert!(tokio::time::Instant::now() < deadline, "{what}: bound through {:?}", users());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    wait_for(vec![basic("alice")], "policy and secret on disk").await;
+
+    std::fs::remove_file(dir.path().join("secret.yaml")).unwrap();
+    wait_for(vec![], "secret removed").await;
+    assert!(p.desired_images().contains(PRIVATE), "the policy is still there");
+    write(dir.path(), "secret.yaml", &secret("alice"));
+    wait_for(vec![basic("alice")], "secret back").await;
+
+    write(dir.path(), "secret.yaml", &secret("bob"));
+    wait_for(vec![basic("bob")], "secret rotated").await;
+
+    std::fs::remove_file(dir.path().join("policy.yaml")).unwrap();
+    wait_for(vec![], "policy removed").await;
+    assert!(bindings.lock().unwrap().is_empty());
+    assert_eq!(fetcher.pulls_of(PRIVATE), vec![basic("alice")], "the cached image is checked, not pulled again");
+    task.abort();
+}
+
+#[tokio::test]
+async fn the_cache_is_told_what_policies_use_and_what_it_dropped_is_pulled_again() {
+    let fetcher = Arc::new(CountingFetcher::default());
+    let (p, _) = prefetcher(&fetcher, FileSecrets::default(), &["a", "b"]);
+    let (x, y) = ("ghcr.io/example/x:v1", "ghcr.io/example/y:v1");
+    assert_eq!(fetcher.last_in_use(), Some(None), "nothing may be evicted before the sources synced");
+    p.resync("a", vec![record("ns", "x", "1", x, "")]);
+    assert_eq!(fetcher.last_in_use(), Some(None), "source b has not synced: its policies are unknown");
+    p.resync("b", vec![record("ns", "y", "1", y, "")]);
+    let both: BTreeSet<String> = [x.to_string(), y.to_string()].into();
+    assert_eq!(fetcher.last_in_use(), Some(Some(both)));
+    p.wait_settled().await;
+    p.wait_idle().await;
+    p.delete("b", "ns", "y");
+    assert_eq!(fetcher.last_in_use(), Some(Some([x.to_string()].into())), "y is no longer in use");
+    assert_eq!(fetcher.pulls_of(x).len(), 1);
+
+    // The cache dropped x (a corrupt blob): IfNotPresent or not, it is pulled again.
+    fetcher.cached.lock().unwrap().remove(x);
+    let whole = registry_cache::pull::parse_reference(x).unwrap().whole();
+    p.repull(&[whole, "ghcr.io/example/unrelated:v1".into()]);
+    let repulled = harness::eventually(Duration::from_secs(10), || async { fetcher.pulls_of(x).len() == 2 }).await;
+    assert!(repulled, "{:?}", fetcher.pulls_of(x));
+    p.wait_idle().await;
+    assert_eq!(fetcher.total(), 3, "x twice, y once: nothing else");
+    assert_eq!(
+        p.desired().get(&registry_cache::sources::Target { image: x.into(), secret: None }),
+        Some(&TargetStatus::Ready)
+    );
 }

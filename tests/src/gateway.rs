@@ -28,6 +28,33 @@ pub struct WasmSource {
     pub sha256: String,
     /// The `wasm_cluster` endpoint serving `url`.
     pub server: SocketAddr,
+    /// For an `https://` url: the CA (PEM) the server's certificate must chain to, as a code
+    /// source's `tls.caCertificateRef` names it. Envoy then checks the certificate against it
+    /// and the url's host.
+    pub tls_ca: Option<String>,
+}
+
+/// The upstream TLS of `wasm_cluster` for `source`: trusts only `ca`, and wants a certificate
+/// naming the url's host, sent as SNI.
+fn wasm_tls(source: &WasmSource, ca: &str) -> Value {
+    let authority = source.url.split("://").nth(1).and_then(|r| r.split('/').next()).unwrap_or_default();
+    let host = match authority.rsplit_once(':') {
+        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host,
+        _ => authority,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let san_type = if host.parse::<std::net::IpAddr>().is_ok() { "IP_ADDRESS" } else { "DNS" };
+    json!({
+        "name": "envoy.transport_sockets.tls",
+        "typedConfig": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": host,
+            "commonTlsContext": {"validationContext": {
+                "trustedCa": {"inlineString": ca},
+                "matchTypedSubjectAltNames": [{"sanType": san_type, "matcher": {"exact": host}}]
+            }}
+        }
+    })
 }
 
 /// Which plugin configuration to load, if any.
@@ -150,7 +177,7 @@ pub fn clusters(dir: &Path, spec: &GatewaySpec) -> Vec<Value> {
         out.push(eds_cluster(dir, FALLBACK, lb_least_request(), spec, false));
     }
     if let Some(filter) = &spec.filter {
-        out.push(json!({
+        let mut cluster = json!({
             "name": WASM_CLUSTER,
             "type": "STATIC",
             "connectTimeout": "10s",
@@ -161,7 +188,11 @@ pub fn clusters(dir: &Path, spec: &GatewaySpec) -> Vec<Value> {
                     "portValue": filter.source.server.port()
                 }}}}]}]
             }
-        }));
+        });
+        if let Some(ca) = &filter.source.tls_ca {
+            cluster["transportSocket"] = wasm_tls(&filter.source, ca);
+        }
+        out.push(cluster);
     }
     out
 }

@@ -39,7 +39,8 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub async fn serve_wasm(module: Vec<u8>) -> anyhow::Result<(WasmSource, Upstream)> {
     let sha256 = sha256_hex(&module);
     let server = Upstream::serving("wasm-server", module).await?;
-    let source = WasmSource { url: format!("http://{}/{sha256}.wasm", server.addr), sha256, server: server.addr };
+    let source =
+        WasmSource { url: format!("http://{}/{sha256}.wasm", server.addr), sha256, server: server.addr, tls_ca: None };
     Ok((source, server))
 }
 

@@ -1,16 +1,17 @@
 //! `deploy/` is what users install registry-cache with: it must render offline with
 //! `kubectl kustomize`, every object must be a valid Kubernetes object with no misspelled field
 //! (the API server drops unknown fields silently, so a typo in a securityContext would just
-//! vanish), and the pieces must agree: probes, ports, selectors, mounts, RBAC.
+//! vanish), and the pieces must agree: probes, ports, selectors, mounts, volumes, RBAC.
 
 use anyhow::Context as _;
 use harness::crds::{yaml_docs, yaml_docs_str};
 use harness::envoy::workspace_root;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{
     Container, Namespace, PersistentVolumeClaim, PodSpec, Probe, Secret, Service, ServiceAccount,
 };
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
@@ -105,8 +106,8 @@ struct Rendered {
     service_accounts: Vec<ServiceAccount>,
     cluster_roles: Vec<ClusterRole>,
     cluster_role_bindings: Vec<ClusterRoleBinding>,
-    pvcs: Vec<PersistentVolumeClaim>,
-    deployments: Vec<Deployment>,
+    stateful_sets: Vec<StatefulSet>,
+    disruption_budgets: Vec<PodDisruptionBudget>,
     services: Vec<Service>,
     network_policies: Vec<NetworkPolicy>,
     secrets: Vec<Secret>,
@@ -130,8 +131,8 @@ impl Rendered {
                 ("v1", "ServiceAccount") => strictly(&doc, &mut r.service_accounts),
                 ("rbac.authorization.k8s.io/v1", "ClusterRole") => strictly(&doc, &mut r.cluster_roles),
                 ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => strictly(&doc, &mut r.cluster_role_bindings),
-                ("v1", "PersistentVolumeClaim") => strictly(&doc, &mut r.pvcs),
-                ("apps/v1", "Deployment") => strictly(&doc, &mut r.deployments),
+                ("apps/v1", "StatefulSet") => strictly(&doc, &mut r.stateful_sets),
+                ("policy/v1", "PodDisruptionBudget") => strictly(&doc, &mut r.disruption_budgets),
                 ("v1", "Service") => strictly(&doc, &mut r.services),
                 ("networking.k8s.io/v1", "NetworkPolicy") => strictly(&doc, &mut r.network_policies),
                 ("v1", "Secret") => strictly(&doc, &mut r.secrets),
@@ -145,17 +146,21 @@ impl Rendered {
         Ok(r)
     }
 
-    fn deployment(&self) -> &Deployment {
-        assert_eq!(self.deployments.len(), 1, "deploy/ renders exactly one Deployment");
-        &self.deployments[0]
+    fn stateful_set(&self) -> &StatefulSet {
+        assert_eq!(self.stateful_sets.len(), 1, "deploy/ renders exactly one StatefulSet");
+        &self.stateful_sets[0]
     }
 
     fn pod(&self) -> &PodSpec {
-        self.deployment().spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("Deployment without a pod spec")
+        self.stateful_set()
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("StatefulSet without a pod spec")
     }
 
     fn pod_labels(&self) -> BTreeMap<String, String> {
-        let spec = self.deployment().spec.as_ref().expect("Deployment without spec");
+        let spec = self.stateful_set().spec.as_ref().expect("StatefulSet without spec");
         spec.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default()
     }
 
@@ -165,9 +170,12 @@ impl Rendered {
         &containers[0]
     }
 
-    fn pvc(&self) -> &PersistentVolumeClaim {
-        assert_eq!(self.pvcs.len(), 1, "deploy/ renders exactly one PersistentVolumeClaim");
-        &self.pvcs[0]
+    /// The StatefulSet's one volume claim template: each replica's own cache volume.
+    fn claim_template(&self) -> &PersistentVolumeClaim {
+        let spec = self.stateful_set().spec.as_ref().expect("StatefulSet without spec");
+        let templates = spec.volume_claim_templates.as_deref().unwrap_or_default();
+        assert_eq!(templates.len(), 1, "the StatefulSet has exactly one volume claim template");
+        &templates[0]
     }
 }
 
@@ -221,8 +229,8 @@ fn renders_offline_into_valid_objects_only() -> anyhow::Result<()> {
         ("ServiceAccount", r.service_accounts.len()),
         ("ClusterRole", r.cluster_roles.len()),
         ("ClusterRoleBinding", r.cluster_role_bindings.len()),
-        ("PersistentVolumeClaim", r.pvcs.len()),
-        ("Deployment", r.deployments.len()),
+        ("StatefulSet", r.stateful_sets.len()),
+        ("PodDisruptionBudget", r.disruption_budgets.len()),
         ("Service", r.services.len()),
         ("NetworkPolicy", r.network_policies.len()),
     ];
@@ -244,8 +252,8 @@ fn renders_offline_into_valid_objects_only() -> anyhow::Result<()> {
         .chain(r.service_accounts.iter().map(|o| ("ServiceAccount", &o.metadata, true)))
         .chain(r.cluster_roles.iter().map(|o| ("ClusterRole", &o.metadata, false)))
         .chain(r.cluster_role_bindings.iter().map(|o| ("ClusterRoleBinding", &o.metadata, false)))
-        .chain(r.pvcs.iter().map(|o| ("PersistentVolumeClaim", &o.metadata, true)))
-        .chain(r.deployments.iter().map(|o| ("Deployment", &o.metadata, true)))
+        .chain(r.stateful_sets.iter().map(|o| ("StatefulSet", &o.metadata, true)))
+        .chain(r.disruption_budgets.iter().map(|o| ("PodDisruptionBudget", &o.metadata, true)))
         .chain(r.services.iter().map(|o| ("Service", &o.metadata, true)))
         .chain(r.network_policies.iter().map(|o| ("NetworkPolicy", &o.metadata, true)));
     for (kind, meta, namespaced) in all_meta {
@@ -261,23 +269,43 @@ fn renders_offline_into_valid_objects_only() -> anyhow::Result<()> {
 }
 
 #[test]
-fn deployment_is_one_pod_on_a_read_write_once_volume() -> anyhow::Result<()> {
+fn two_replicas_each_with_its_own_volume_one_disrupted_at_a_time() -> anyhow::Result<()> {
     let r = Rendered::load()?;
-    let spec = r.deployment().spec.as_ref().expect("Deployment spec");
-    assert_eq!(spec.replicas, Some(1));
-    // RollingUpdate would start the new pod while the old one holds the RWO volume.
-    assert_eq!(spec.strategy.as_ref().and_then(|s| s.type_.as_deref()), Some("Recreate"));
+    let spec = r.stateful_set().spec.as_ref().expect("StatefulSet spec");
+    assert_eq!(spec.replicas, Some(2));
+    // One pod replaced at a time, the next only once the last is Ready.
+    let update = spec.update_strategy.as_ref().and_then(|s| s.type_.as_deref());
+    assert_eq!(update.unwrap_or("RollingUpdate"), "RollingUpdate");
     let selector = spec.selector.match_labels.clone().unwrap_or_default();
     let pod_labels = r.pod_labels();
     assert!(!selector.is_empty());
     for (k, v) in &selector {
-        assert_eq!(pod_labels.get(k), Some(v), "Deployment selector {k}={v} does not match its pod template");
+        assert_eq!(pod_labels.get(k), Some(v), "StatefulSet selector {k}={v} does not match its pod template");
     }
+    let service = r.services[0].metadata.name.as_deref();
+    assert_eq!(spec.service_name.as_deref(), service, "serviceName must name a Service deploy/ creates");
 
-    let pvc = r.pvc().spec.as_ref().expect("PVC spec");
+    // Each replica's own ReadWriteOnce volume, from the claim template; no shared claim.
+    let pvc = r.claim_template().spec.as_ref().expect("claim template spec");
     assert_eq!(pvc.access_modes.clone().unwrap_or_default(), vec!["ReadWriteOnce".to_string()]);
     let storage = pvc.resources.as_ref().and_then(|res| res.requests.as_ref()).and_then(|req| req.get("storage"));
     assert_eq!(storage.map(|q| q.0.as_str()), Some("2Gi"));
+    let volumes = r.pod().volumes.clone().unwrap_or_default();
+    assert!(volumes.iter().all(|v| v.persistent_volume_claim.is_none()), "a claim shared by every replica");
+
+    // Voluntary disruptions leave one replica serving.
+    let pdb = r.disruption_budgets[0].spec.as_ref().expect("PodDisruptionBudget spec");
+    let max_unavailable = match (&pdb.max_unavailable, &pdb.min_available) {
+        (Some(IntOrString::Int(n)), None) => *n,
+        (None, Some(IntOrString::Int(n))) => 2 - *n,
+        other => panic!("PodDisruptionBudget: expected an absolute maxUnavailable or minAvailable, got {other:?}"),
+    };
+    assert_eq!(max_unavailable, 1, "at most one of the two replicas down at a time");
+    let pdb_selector = pdb.selector.as_ref().and_then(|s| s.match_labels.clone()).unwrap_or_default();
+    assert!(!pdb_selector.is_empty());
+    for (k, v) in &pdb_selector {
+        assert_eq!(pod_labels.get(k), Some(v), "PodDisruptionBudget selector {k}={v} misses the pods");
+    }
 
     let pod = r.pod();
     let sa = r.service_accounts[0].metadata.name.as_deref();
@@ -346,6 +374,9 @@ fn probes_and_service_reach_the_listening_port() -> anyhow::Result<()> {
     ] {
         let (got_path, probe_port) = http_probe(probe, what);
         assert_eq!(got_path, path, "{what} path");
+        // The cache serves TLS only; a plain HTTP probe would get 400 and fail the pod.
+        let scheme = probe.as_ref().and_then(|p| p.http_get.as_ref()).and_then(|g| g.scheme.as_deref());
+        assert_eq!(scheme, Some("HTTPS"), "{what} must probe with HTTPS");
         assert_eq!(resolve_port(c, probe_port), Some(port), "{what} port {probe_port:?} is not the --listen port");
     }
 
@@ -356,7 +387,7 @@ fn probes_and_service_reach_the_listening_port() -> anyhow::Result<()> {
     assert!(!selector.is_empty(), "Service without selector");
     let pod_labels = r.pod_labels();
     for (k, v) in &selector {
-        assert_eq!(pod_labels.get(k), Some(v), "Service selector {k}={v} does not match the Deployment's pods");
+        assert_eq!(pod_labels.get(k), Some(v), "Service selector {k}={v} does not match the StatefulSet's pods");
     }
     let ports = spec.ports.clone().unwrap_or_default();
     assert_eq!(ports.len(), 1);
@@ -366,7 +397,7 @@ fn probes_and_service_reach_the_listening_port() -> anyhow::Result<()> {
 
     // `registry-cache render` points Envoy Gateway at this Service by default.
     let url =
-        format!("http://{}.{NAMESPACE}.svc.cluster.local:{}", svc.metadata.name.as_deref().unwrap_or_default(), 5000);
+        format!("https://{}.{NAMESPACE}.svc.cluster.local:{}", svc.metadata.name.as_deref().unwrap_or_default(), 5000);
     let main = std::fs::read_to_string(workspace_root().join("registry-cache/src/main.rs"))?;
     assert!(main.contains(&url), "registry-cache's default --base-url is not the Service's address {url}");
     Ok(())
@@ -383,8 +414,10 @@ fn args_use_mounted_paths() -> anyhow::Result<()> {
 
     let mounts = c.volume_mounts.clone().unwrap_or_default();
     let volumes = pod.volumes.clone().unwrap_or_default();
+    let claim_name = r.claim_template().metadata.name.clone().unwrap_or_default();
     for m in &mounts {
-        assert!(volumes.iter().any(|v| v.name == m.name), "volumeMount {} has no volume", m.name);
+        let found = volumes.iter().any(|v| v.name == m.name) || m.name == claim_name;
+        assert!(found, "volumeMount {} has no volume", m.name);
     }
     let mount_of = |path: &str| {
         mounts
@@ -405,13 +438,13 @@ fn args_use_mounted_paths() -> anyhow::Result<()> {
     let cache_dir = flag(&args, "--cache-dir").expect("--cache-dir");
     let cache_mount = mount_of(cache_dir).expect("cache mount");
     assert_ne!(cache_mount.read_only, Some(true), "the cache must be writable");
-    let claim = volume(&cache_mount.name).persistent_volume_claim.map(|p| p.claim_name);
-    assert_eq!(claim.as_deref(), r.pvc().metadata.name.as_deref(), "--cache-dir {cache_dir} is not on the PVC");
+    assert_eq!(cache_mount.name, claim_name, "--cache-dir {cache_dir} is not on the replica's own volume");
 
-    let max = flag(&args, "--max-cache-bytes").expect("--max-cache-bytes sized to the PVC");
-    let storage = r.pvc().spec.as_ref().and_then(|s| s.resources.as_ref()).and_then(|res| res.requests.clone());
+    let max = flag(&args, "--max-cache-bytes").expect("--max-cache-bytes sized to the volume");
+    let template = r.claim_template().spec.as_ref();
+    let storage = template.and_then(|s| s.resources.as_ref()).and_then(|res| res.requests.clone());
     let storage = storage.unwrap_or_default().get("storage").map(|q| quantity_bytes(&q.0)).unwrap_or_default();
-    assert!(max.parse::<u64>()? < storage, "--max-cache-bytes {max} does not fit the {storage}-byte PVC");
+    assert!(max.parse::<u64>()? < storage, "--max-cache-bytes {max} does not fit the {storage}-byte volume");
 
     // Both keys come from the one Secret, mounted read-only, and the pod needs it to start.
     let mut secret_keys = vec![];
@@ -445,7 +478,41 @@ fn args_use_mounted_paths() -> anyhow::Result<()> {
         }
     }
 
-    // The documented example Secret is the one the Deployment mounts, with that key.
+    // The TLS pair comes from a kubernetes.io/tls Secret (tls.crt, tls.key) the pod needs to
+    // start, and cert-manager.example.yaml makes that Secret, for the Service's DNS name.
+    assert!(!args.iter().any(|a| a == "--plain-http"), "the shipped cache must serve TLS");
+    let mut tls_secrets = vec![];
+    for (option, file) in [("--tls-cert", "tls.crt"), ("--tls-key", "tls.key")] {
+        let path = flag(&args, option).unwrap_or_else(|| panic!("{option}"));
+        let mount = mount_of(path).unwrap_or_else(|| panic!("{option} mount"));
+        assert_eq!(mount.read_only, Some(true), "{option} must be mounted read-only");
+        let secret = volume(&mount.name).secret.unwrap_or_else(|| panic!("{option} is not on a Secret volume"));
+        let projected = path.strip_prefix(&format!("{}/", mount.mount_path)).expect("file under its mount");
+        let key = match &secret.items {
+            Some(items) => items.iter().find(|i| i.path == projected).map(|i| i.key.clone()),
+            None => Some(projected.to_string()),
+        };
+        assert_eq!(key.as_deref(), Some(file), "{option} must be the Secret's {file}");
+        assert_ne!(secret.optional, Some(true), "without the certificate the pod must not start");
+        tls_secrets.push(secret.secret_name.unwrap_or_default());
+    }
+    assert_eq!(tls_secrets[0], tls_secrets[1], "certificate and key come from one Secret");
+    let cert_manager = yaml_docs(&deploy_dir().join("cert-manager.example.yaml"))?;
+    let leaf = cert_manager
+        .iter()
+        .find(|d| d["kind"] == "Certificate" && d["spec"]["secretName"] == tls_secrets[0].as_str())
+        .unwrap_or_else(|| panic!("cert-manager.example.yaml makes no Certificate for Secret {}", tls_secrets[0]));
+    let service_dns =
+        format!("{}.{NAMESPACE}.svc.cluster.local", r.services[0].metadata.name.as_deref().unwrap_or_default());
+    assert!(
+        leaf["spec"]["dnsNames"].as_array().into_iter().flatten().any(|n| n == service_dns.as_str()),
+        "the certificate does not name {service_dns}"
+    );
+    assert!(cert_manager.iter().all(|d| d["metadata"]["namespace"] == NAMESPACE));
+    let readme = std::fs::read_to_string(deploy_dir().join("README.md"))?;
+    assert!(readme.contains(&format!("secret generic {}", tls_secrets[0])), "README does not say how to create it");
+
+    // The documented example Secret is the one the StatefulSet mounts, with that key.
     let example = deploy_dir().join("signing-key-secret.example.yaml");
     let docs = yaml_docs(&example)?;
     assert_eq!(docs.len(), 1);
@@ -489,7 +556,8 @@ fn rbac_grants_only_what_the_service_uses() -> anyhow::Result<()> {
         ("gateway.envoyproxy.io", "envoyextensionpolicies", "get"),
         ("gateway.envoyproxy.io", "envoyextensionpolicies", "list"),
         ("gateway.envoyproxy.io", "envoyextensionpolicies", "watch"),
-        // Only the pull Secrets that policies name, by name: never list or watch every Secret.
+        // `get` reads any Secret by name (deploy/README.md says so); list and watch would
+        // also enumerate them all, and are not granted.
         ("", "secrets", "get"),
     ]
     .into_iter()
@@ -540,17 +608,17 @@ fn network_policy_admits_envoy_gateway_on_the_service_port_only() -> anyhow::Res
 /// The strict check really catches what the API server would silently drop.
 #[test]
 fn strict_validation_catches_typos() -> anyhow::Result<()> {
-    let deployment = render()?.into_iter().find(|d| d["kind"] == "Deployment").expect("a Deployment");
-    assert!(typed::<Deployment>(&deployment).is_ok());
+    let workload = render()?.into_iter().find(|d| d["kind"] == "StatefulSet").expect("a StatefulSet");
+    assert!(typed::<StatefulSet>(&workload).is_ok());
 
-    let mut typo = deployment.clone();
+    let mut typo = workload.clone();
     typo["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFileSystem"] = Value::Bool(true);
-    let err = typed::<Deployment>(&typo).expect_err("a misspelled securityContext field passed");
+    let err = typed::<StatefulSet>(&typo).expect_err("a misspelled securityContext field passed");
     assert!(err.contains("securityContext.readOnlyRootFileSystem: unknown field"), "{err}");
 
-    let mut wrong_type = deployment;
+    let mut wrong_type = workload;
     wrong_type["spec"]["replicas"] = Value::String("one".into());
-    let err = typed::<Deployment>(&wrong_type).expect_err("replicas: \"one\" passed");
+    let err = typed::<StatefulSet>(&wrong_type).expect_err("replicas: \"one\" passed");
     assert!(err.contains("spec.replicas"), "{err}");
     Ok(())
 }

@@ -12,7 +12,8 @@
 //!   alwaysRefreshSeconds: 300  # re-pull period of `Always` images; 0 disables
 //!   initialBackoffMillis: 1000
 //!   maxBackoffSeconds: 300
-//!   settleAttempts: 3          # readiness waits at most this many failed attempts per image
+//!   settleAttempts: 3          # initialSyncSettled (/status, metrics) waits at most this many failures per image
+//!   secretRecheckSeconds: 60   # pull Secrets are read again this often; a deleted one unbinds
 //! ```
 //!
 //! Unknown fields are refused, and the error names them.
@@ -67,6 +68,7 @@ pub struct Prefetch {
     pub initial_backoff_millis: u64,
     pub max_backoff_seconds: u64,
     pub settle_attempts: u32,
+    pub secret_recheck_seconds: u64,
 }
 
 impl Default for Prefetch {
@@ -78,6 +80,7 @@ impl Default for Prefetch {
             initial_backoff_millis: d.initial_backoff.as_millis() as u64,
             max_backoff_seconds: d.max_backoff.as_secs(),
             settle_attempts: d.settle_attempts,
+            secret_recheck_seconds: d.secret_recheck.as_secs(),
         }
     }
 }
@@ -90,6 +93,7 @@ impl Prefetch {
             initial_backoff: Duration::from_millis(self.initial_backoff_millis.max(1)),
             max_backoff: Duration::from_secs(self.max_backoff_seconds.max(1)),
             settle_attempts: self.settle_attempts.max(1),
+            secret_recheck: Duration::from_secs(self.secret_recheck_seconds.max(1)),
         }
     }
 }
@@ -148,13 +152,14 @@ mod tests {
 
     #[test]
     fn full_config() {
-        let s = p("sources:\n  kubernetes: {enabled: true}\n  directories: [/a, /b]\n  rescanSeconds: 3\nprefetch:\n  concurrency: 2\n  alwaysRefreshSeconds: 60\n")
+        let s = p("sources:\n  kubernetes: {enabled: true}\n  directories: [/a, /b]\n  rescanSeconds: 3\nprefetch:\n  concurrency: 2\n  alwaysRefreshSeconds: 60\n  secretRecheckSeconds: 15\n")
             .unwrap();
         assert!(s.sources.kubernetes.enabled);
         assert_eq!(s.sources.directories, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
         assert_eq!(s.sources.rescan_seconds, 3);
         let c = s.prefetch.to_config();
         assert_eq!((c.concurrency, c.always_refresh), (2, Duration::from_secs(60)));
+        assert_eq!(c.secret_recheck, Duration::from_secs(15));
         assert_eq!(c.settle_attempts, 3, "unset fields keep their defaults");
     }
 

@@ -5,8 +5,10 @@
 //! after `410 Gone`. A (re-)list reaches the prefetcher as one `resync`, so policies deleted
 //! while the watch was down drop out of the desired set.
 //!
-//! Pull secrets are read when needed with `Api<Secret>::get` in the policy's namespace (RBAC:
-//! `get` on `secrets`; `list`/`watch` on `envoyextensionpolicies.gateway.envoyproxy.io`).
+//! Pull secrets are read when needed, and again every `PrefetchConfig::secret_recheck` (so a
+//! deleted Secret unbinds its namespace), with `Api<Secret>::get` in the policy's namespace
+//! (RBAC: `get` on `secrets`; `list`/`watch` on `envoyextensionpolicies.gateway.envoyproxy.io`).
+//! Watching Secrets instead would need `list`/`watch` on every Secret in the cluster.
 
 use super::{PolicyRecord, Prefetcher, SecretSource, EEP_GROUP, EEP_KIND};
 use futures::future::BoxFuture;

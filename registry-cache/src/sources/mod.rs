@@ -33,6 +33,16 @@
 //!
 //! One image referenced by many policies is pulled once per distinct credential: targets that
 //! resolve to the same (image, credentials) share one pull.
+//!
+//! # Namespace bindings
+//!
+//! A namespace is bound to a repository (its `/wasm` URLs are served, see `permissions`) while
+//! one of its current policies names an image there with a pull secret whose credentials the
+//! registry accepted for it. The pre-puller publishes the whole set through the
+//! [`AccessHook`] whenever it changes: a policy deleted unbinds at once. Pull secrets are read
+//! again every [`PrefetchConfig::secret_recheck`] (default 60 s): a Secret deleted, or left
+//! without credentials, unbinds its namespace; one whose credentials changed unbinds it until
+//! the registry has accepted the new ones.
 
 pub mod config;
 pub mod files;
@@ -40,8 +50,8 @@ pub mod files;
 pub mod kubernetes;
 
 use crate::auth;
-use crate::cache::Cache;
-use crate::permissions::{credential_hash, repository_of};
+use crate::cache::{Cache, InUse};
+use crate::permissions::{credential_hash, repository_of, BoundCredential};
 use crate::publish;
 use crate::pull::{parse_reference, PullError, Puller};
 use crate::sign::Signer;
@@ -131,13 +141,14 @@ impl PolicyRecord {
             .and_then(|text| serde_json::from_str(text).ok());
         let wasms = doc.pointer("/spec/wasm").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
         for (index, wasm) in wasms.iter().enumerate() {
-            let Some(mut code) = wasm.get("code") else { continue };
-            if code.get("type").and_then(Value::as_str) != Some("Image") {
-                match rendered.as_ref().and_then(|r| r.get(index.to_string())) {
-                    Some(source) if source.get("type").and_then(Value::as_str) == Some("Image") => code = source,
-                    _ => continue,
-                }
-            }
+            let Some(code) = wasm.get("code") else { continue };
+            // A rendered source (HTTP, or an image at the cache itself) stands for the original
+            // image recorded in the annotation.
+            let code = match rendered.as_ref().and_then(|r| r.get(index.to_string())) {
+                Some(source) if source.get("type").and_then(Value::as_str) == Some("Image") => source,
+                _ if code.get("type").and_then(Value::as_str) == Some("Image") => code,
+                _ => continue,
+            };
             let Some(url) = code.pointer("/image/url").and_then(Value::as_str).filter(|u| !u.trim().is_empty()) else {
                 tracing::warn!(%namespace, policy = %name, index, "wasm image without url; skipped");
                 continue;
@@ -201,6 +212,9 @@ pub trait ImageFetcher: Send + Sync + 'static {
     fn pull<'a>(&'a self, image: &'a str, auth: &'a RegistryAuth) -> BoxFuture<'a, Result<(), FetchError>>;
     /// Whether `auth` may read `image` upstream, without pulling it.
     fn can_read<'a>(&'a self, image: &'a str, auth: &'a RegistryAuth) -> BoxFuture<'a, Result<bool, String>>;
+    /// The images active policies name, which the cache must not evict; `None` while not
+    /// known yet (a source has not synced), when nothing may be evicted.
+    fn set_in_use(&self, _images: Option<&BTreeSet<String>>) {}
 }
 
 /// Where pull secrets come from: `Api<Secret>` in Kubernetes, Secret manifests on disk.
@@ -211,8 +225,8 @@ pub trait SecretSource: Send + Sync + 'static {
 }
 
 /// Which credentials each namespace reads each repository with: `(namespace, repository)` →
-/// hashes of the pull-secret credentials (`permissions::credential_hash`) of its current
-/// policies' images whose last pull or check succeeded.
+/// the pull-secret credentials of its current policies' images whose last pull or check
+/// succeeded, each with the image it was read with.
 pub type Bindings = crate::permissions::NamespaceBindings;
 
 /// What the pre-puller learnt about access, for the permission layer (`permissions::Permissions`).
@@ -285,6 +299,16 @@ impl ImageFetcher for RegistryFetcher {
     fn can_read<'a>(&'a self, image: &'a str, auth: &'a RegistryAuth) -> BoxFuture<'a, Result<bool, String>> {
         Box::pin(self.puller.can_read(image, auth))
     }
+
+    fn set_in_use(&self, images: Option<&BTreeSet<String>>) {
+        let in_use = match images {
+            Some(images) => {
+                InUse::Only(images.iter().filter_map(|i| parse_reference(i).ok()).map(|r| r.whole()).collect())
+            }
+            None => InUse::All,
+        };
+        self.cache.set_in_use(in_use);
+    }
 }
 
 /// Tuning of the pre-puller.
@@ -297,9 +321,13 @@ pub struct PrefetchConfig {
     /// First retry delay; doubles per failure up to `max_backoff`.
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
-    /// Readiness waits for an image of the initial sync until it is pulled or has failed this
-    /// many times; retries go on in the background.
+    /// The initial sync counts as settled ([`Prefetcher::settled`], `/status`, metrics) once
+    /// each of its images is pulled or has failed this many times; retries go on regardless.
+    /// Readiness does not wait for it.
     pub settle_attempts: u32,
+    /// Period of reading every pull Secret in use again, so that a deleted or changed Secret
+    /// unbinds its namespace.
+    pub secret_recheck: Duration,
 }
 
 impl Default for PrefetchConfig {
@@ -310,6 +338,7 @@ impl Default for PrefetchConfig {
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(300),
             settle_attempts: 3,
+            secret_recheck: Duration::from_secs(60),
         }
     }
 }
@@ -342,8 +371,36 @@ struct TargetState {
     settled: bool,
     status: TargetStatus,
     last_ok: Option<Instant>,
-    /// The credentials the last definitive outcome was for: the secret's content may change.
-    credential: Option<[u8; 32]>,
+    /// The credentials the last definitive outcome (pulled, checked, refused) was for; None
+    /// when the secret could not be read. The secret's content may change.
+    credential: Option<RegistryAuth>,
+    /// Failed attempts since the last success, and the last one's error.
+    failures: u32,
+    last_error: Option<String>,
+}
+
+/// One target as `/status` and the metrics report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetReport {
+    pub target: Target,
+    /// Ready: cached and, with a pull secret, confirmed readable with it. Stays Ready while
+    /// later refreshes fail (the cached module is still served); `failures` tells. A pull
+    /// secret found gone or empty makes it Failed (its namespace is unbound).
+    pub status: TargetStatus,
+    /// Failed attempts since the last success.
+    pub failures: u32,
+    pub last_error: Option<String>,
+    /// `namespace/name` of the policies naming the target.
+    pub policies: Vec<String>,
+}
+
+/// What the pre-puller is doing, for `/status` and the metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrefetchReport {
+    /// Every source delivered its initial sync, and each of its images was pulled or failed
+    /// `settle_attempts` times.
+    pub initial_sync_settled: bool,
+    pub targets: Vec<TargetReport>,
 }
 
 struct State {
@@ -365,7 +422,7 @@ struct Inner {
     state: Mutex<State>,
     /// Last successful pull per (image, credential hash): targets that share credentials share pulls.
     pulled: Mutex<HashMap<(String, [u8; 32]), PullSlot>>,
-    ready: watch::Sender<bool>,
+    settled: watch::Sender<bool>,
     /// The bindings last sent to the hook.
     bindings: Mutex<Option<Bindings>>,
 }
@@ -379,11 +436,13 @@ pub struct Prefetcher {
 enum Attempt {
     Done,
     Retry(String),
+    /// The pull secret is gone or holds no credentials: unbound, and retried.
+    NoSecret(String),
     GiveUp(String),
 }
 
 impl Prefetcher {
-    /// A pre-puller that becomes ready once each of `sources` has delivered its initial sync
+    /// A pre-puller that becomes settled once each of `sources` has delivered its initial sync
     /// and every image in it has settled. Must be created inside a Tokio runtime.
     pub fn new(
         config: PrefetchConfig,
@@ -392,7 +451,7 @@ impl Prefetcher {
         hook: AccessHook,
         sources: &[&str],
     ) -> Self {
-        let (ready, _) = watch::channel(false);
+        let (settled, _) = watch::channel(false);
         let permits = Semaphore::new(config.concurrency.max(1));
         let state = State {
             policies: BTreeMap::new(),
@@ -408,10 +467,23 @@ impl Prefetcher {
                 permits,
                 state: Mutex::new(state),
                 pulled: Mutex::default(),
-                ready,
+                settled,
                 bindings: Mutex::default(),
             }),
         };
+        {
+            let weak = Arc::downgrade(&this.inner);
+            let period = this.inner.config.secret_recheck.max(Duration::from_millis(10));
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(inner) = weak.upgrade() else { return };
+                    Prefetcher { inner }.recheck_secrets().await;
+                }
+            });
+        }
         if !this.inner.config.always_refresh.is_zero() {
             let weak = Arc::downgrade(&this.inner);
             let period = this.inner.config.always_refresh;
@@ -424,8 +496,45 @@ impl Prefetcher {
                 }
             });
         }
-        this.check_ready();
+        this.publish_in_use(&this.lock());
+        this.check_settled();
         this
+    }
+
+    /// Tells the fetcher which images are in use. Called under the state lock, so that the
+    /// last set told is the current one.
+    fn publish_in_use(&self, s: &State) {
+        if s.pending_sources.is_empty() {
+            let images: BTreeSet<String> = s.targets.keys().map(|t| t.image.clone()).collect();
+            self.inner.fetcher.set_in_use(Some(&images));
+        } else {
+            self.inner.fetcher.set_in_use(None);
+        }
+    }
+
+    /// Pulls again the targets whose image is one of `references` (normalised as the cache
+    /// records them), e.g. after the cache dropped them for a corrupt blob.
+    pub fn repull(&self, references: &[String]) {
+        let mut to_start = vec![];
+        {
+            let mut s = self.lock();
+            for (target, t) in s.targets.iter_mut() {
+                let whole = parse_reference(&target.image).map(|r| r.whole());
+                if !whole.is_ok_and(|w| references.contains(&w)) {
+                    continue;
+                }
+                tracing::info!(image = %target.image, "pulling again");
+                t.wanted += 1;
+                t.wanted_at = Instant::now();
+                if !t.running {
+                    t.running = true;
+                    to_start.push(target.clone());
+                }
+            }
+        }
+        for target in to_start {
+            self.spawn(target);
+        }
     }
 
     /// A policy appeared or changed.
@@ -451,7 +560,7 @@ impl Prefetcher {
             }
             s.pending_sources.remove(source);
         });
-        self.check_ready();
+        self.check_settled();
     }
 
     /// Every target of every known policy, with its status.
@@ -464,14 +573,43 @@ impl Prefetcher {
         self.lock().targets.keys().map(|t| t.image.clone()).collect()
     }
 
-    /// Becomes true once, after every source's initial sync has been pre-pulled.
-    pub fn ready(&self) -> watch::Receiver<bool> {
-        self.inner.ready.subscribe()
+    /// Becomes true once, after every source's initial sync has been pre-pulled (or each of
+    /// its images failed `settle_attempts` times).
+    pub fn settled(&self) -> watch::Receiver<bool> {
+        self.inner.settled.subscribe()
     }
 
-    pub async fn wait_ready(&self) {
-        let mut rx = self.ready();
+    pub async fn wait_settled(&self) {
+        let mut rx = self.settled();
         let _ = rx.wait_for(|r| *r).await;
+    }
+
+    /// Every target with its status, failures and the policies naming it.
+    pub fn report(&self) -> PrefetchReport {
+        let s = self.lock();
+        let mut naming: BTreeMap<Target, Vec<String>> = BTreeMap::new();
+        for p in s.policies.values() {
+            for img in &p.images {
+                let target = Target { image: img.image.clone(), secret: img.pull_secret.clone() };
+                let names = naming.entry(target).or_default();
+                let name = format!("{}/{}", p.namespace, p.name);
+                if !names.contains(&name) {
+                    names.push(name);
+                }
+            }
+        }
+        let targets = s
+            .targets
+            .iter()
+            .map(|(target, t)| TargetReport {
+                target: target.clone(),
+                status: t.status.clone(),
+                failures: t.failures,
+                last_error: t.last_error.clone(),
+                policies: naming.remove(target).unwrap_or_default(),
+            })
+            .collect();
+        PrefetchReport { initial_sync_settled: *self.inner.settled.borrow(), targets }
     }
 
     /// Waits until no pull is running or wanted (tests, and orderly shutdown).
@@ -550,6 +688,8 @@ impl Prefetcher {
                     status: TargetStatus::Pending,
                     last_ok: None,
                     credential: None,
+                    failures: 0,
+                    last_error: None,
                 });
                 let fresh = state.wanted == 0;
                 let became_always = policy == PullPolicy::Always && state.policy != PullPolicy::Always;
@@ -566,22 +706,24 @@ impl Prefetcher {
                     }
                 }
             }
+            // Before any pull starts, so that none evicts what the policies now name.
+            self.publish_in_use(&s);
         }
         self.publish_bindings();
         for target in to_start {
             self.spawn(target);
         }
-        self.check_ready();
+        self.check_settled();
     }
 
-    fn check_ready(&self) {
-        let ready = {
+    fn check_settled(&self) {
+        let settled = {
             let s = self.lock();
             s.pending_sources.is_empty() && s.targets.values().all(|t| t.settled)
         };
-        if ready && !*self.inner.ready.borrow() {
-            tracing::info!("initial sync pre-pulled; ready");
-            self.inner.ready.send_replace(true);
+        if settled && !*self.inner.settled.borrow() {
+            tracing::info!("initial sync pre-pulled");
+            self.inner.settled.send_replace(true);
         }
     }
 
@@ -602,7 +744,7 @@ impl Prefetcher {
             let (attempt, credential) = self.attempt(&target, policy, wanted_at).await;
             let next = self.record_attempt(&target, generation, attempt, credential, &mut failures);
             self.publish_bindings();
-            self.check_ready();
+            self.check_settled();
             match next {
                 None => return,
                 Some(delay) if !delay.is_zero() => tokio::time::sleep(delay).await,
@@ -618,32 +760,43 @@ impl Prefetcher {
         target: &Target,
         generation: u64,
         attempt: Attempt,
-        credential: Option<[u8; 32]>,
+        credential: Option<RegistryAuth>,
         failures: &mut u32,
     ) -> Option<Duration> {
         let config = &self.inner.config;
         let mut s = self.lock();
         // Gone while the attempt ran: nothing to record, nothing to bind.
         let t = s.targets.get_mut(target)?;
+        let no_secret = matches!(attempt, Attempt::NoSecret(_));
         match attempt {
             Attempt::Done => {
                 t.status = TargetStatus::Ready;
                 t.last_ok = Some(Instant::now());
                 t.settled = true;
                 t.credential = credential;
+                t.failures = 0;
+                t.last_error = None;
                 *failures = 0;
             }
             Attempt::GiveUp(e) => {
                 tracing::warn!(image = %target.image, error = %e, "not pre-pulled");
+                t.failures += 1;
+                t.last_error = Some(e.clone());
                 t.status = TargetStatus::Failed(e);
                 t.settled = true;
-                t.credential = None;
+                t.credential = credential;
             }
-            Attempt::Retry(e) => {
+            Attempt::Retry(e) | Attempt::NoSecret(e) => {
                 *failures += 1;
+                t.failures += 1;
+                t.last_error = Some(e.clone());
                 tracing::warn!(image = %target.image, error = %e, failures = *failures, "pre-pull failed; retrying");
-                if t.status != TargetStatus::Ready {
+                // A transient failure keeps what was pulled; a secret gone takes the binding.
+                if t.status != TargetStatus::Ready || no_secret {
                     t.status = TargetStatus::Failed(e);
+                }
+                if no_secret {
+                    t.credential = None;
                 }
                 if *failures >= config.settle_attempts {
                     t.settled = true;
@@ -667,12 +820,17 @@ impl Prefetcher {
         let mut last = self.inner.bindings.lock().unwrap_or_else(|e| e.into_inner());
         let mut bindings = Bindings::new();
         for (target, t) in &self.lock().targets {
-            if let (Some(secret), Some(credential), TargetStatus::Ready) = (&target.secret, t.credential, &t.status) {
-                let key = (secret.namespace.clone(), repository_of(&target.image));
-                let hashes = bindings.entry(key).or_default();
-                if !hashes.contains(&credential) {
-                    hashes.push(credential);
-                }
+            let (Some(secret), Some(auth), TargetStatus::Ready) = (&target.secret, &t.credential, &t.status) else {
+                continue;
+            };
+            // A secret without credentials for the registry binds nothing.
+            if *auth == RegistryAuth::Anonymous {
+                continue;
+            }
+            let key = (secret.namespace.clone(), repository_of(&target.image));
+            let creds = bindings.entry(key).or_default();
+            if !creds.iter().any(|c| c.auth == *auth) {
+                creds.push(BoundCredential::new(&target.image, auth));
             }
         }
         if last.as_ref() != Some(&bindings) {
@@ -688,26 +846,80 @@ impl Prefetcher {
 
     async fn resolve_auth(&self, target: &Target) -> Result<RegistryAuth, Attempt> {
         let Some(secret) = &target.secret else { return Ok(RegistryAuth::Anonymous) };
-        let name = format!("{}/{}", secret.namespace, secret.name);
-        let config = match self.inner.secrets.docker_config(&secret.namespace, &secret.name).await {
-            Ok(Some(c)) => c,
-            Ok(None) => return Err(Attempt::Retry(format!("pull secret {name} not found"))),
-            Err(e) => return Err(Attempt::Retry(format!("pull secret {name}: {e}"))),
-        };
-        let auths =
-            auth::parse_docker_config(&config).map_err(|e| Attempt::Retry(format!("pull secret {name}: {e}")))?;
-        let reference = parse_reference(&target.image).map_err(|e| Attempt::GiveUp(e.to_string()))?;
-        Ok(auth::for_registry(&auths, reference.resolve_registry()))
+        let config = self.inner.secrets.docker_config(&secret.namespace, &secret.name).await;
+        auth_from(secret, &target.image, config)
     }
 
-    /// One attempt, and the hash of the credentials it was made with (None: no secret read).
-    async fn attempt(&self, target: &Target, policy: PullPolicy, wanted_at: Instant) -> (Attempt, Option<[u8; 32]>) {
+    /// One attempt, and the credentials it was made with (None: no secret read).
+    async fn attempt(
+        &self,
+        target: &Target,
+        policy: PullPolicy,
+        wanted_at: Instant,
+    ) -> (Attempt, Option<RegistryAuth>) {
         let auth = match self.resolve_auth(target).await {
             Ok(a) => a,
             Err(attempt) => return (attempt, None),
         };
-        let credential = target.secret.as_ref().map(|_| credential_hash(&auth));
+        let credential = target.secret.as_ref().map(|_| auth.clone());
         (self.attempt_with(target, policy, wanted_at, auth).await, credential)
+    }
+
+    /// Reads every pull Secret in use again (each once). A namespace whose Secret is gone or
+    /// holds no credentials is unbound; one whose credentials changed is unbound and its image
+    /// checked (or pulled) with the new ones. A Secret that cannot be read (API server down)
+    /// changes nothing: the registry's answer for the credentials is still re-checked.
+    pub async fn recheck_secrets(&self) {
+        let targets: Vec<(Target, SecretRef)> = {
+            let s = self.lock();
+            s.targets.keys().filter_map(|t| t.secret.clone().map(|secret| (t.clone(), secret))).collect()
+        };
+        let mut configs: BTreeMap<SecretRef, Result<Option<Vec<u8>>, String>> = BTreeMap::new();
+        for (_, secret) in &targets {
+            if !configs.contains_key(secret) {
+                let config = self.inner.secrets.docker_config(&secret.namespace, &secret.name).await;
+                configs.insert(secret.clone(), config);
+            }
+        }
+        let mut to_start = vec![];
+        {
+            let mut s = self.lock();
+            for (target, secret) in targets {
+                let Some(config) = configs.get(&secret) else { continue };
+                let Some(t) = s.targets.get_mut(&target) else { continue };
+                match auth_from(&secret, &target.image, config.clone()) {
+                    Ok(auth) if t.credential.as_ref() == Some(&auth) => {}
+                    Ok(_) => {
+                        tracing::info!(image = %target.image, secret = %format!("{}/{}", secret.namespace, secret.name), "pull secret changed; checking the new credentials");
+                        if t.status == TargetStatus::Ready {
+                            t.status = TargetStatus::Pending;
+                        }
+                        t.credential = None;
+                        t.wanted += 1;
+                        t.wanted_at = Instant::now();
+                        if !t.running {
+                            t.running = true;
+                            to_start.push(target);
+                        }
+                    }
+                    Err(Attempt::NoSecret(e)) if t.credential.is_some() || t.status == TargetStatus::Ready => {
+                        tracing::warn!(image = %target.image, error = %e, "pull secret gone; namespace unbound");
+                        t.failures += 1;
+                        t.last_error = Some(e.clone());
+                        t.status = TargetStatus::Failed(e);
+                        t.credential = None;
+                    }
+                    Err(Attempt::Retry(e)) => {
+                        tracing::warn!(image = %target.image, error = %e, "pull secret not read again; keeping what it gave");
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        self.publish_bindings();
+        for target in to_start {
+            self.spawn(target);
+        }
     }
 
     async fn attempt_with(
@@ -762,6 +974,24 @@ impl Prefetcher {
             Err(FetchError::Transient(e)) => Attempt::Retry(e),
         }
     }
+}
+
+/// The credentials `secret` (its `docker_config` read as `config`) gives for `image`.
+fn auth_from(
+    secret: &SecretRef,
+    image: &str,
+    config: Result<Option<Vec<u8>>, String>,
+) -> Result<RegistryAuth, Attempt> {
+    let name = format!("{}/{}", secret.namespace, secret.name);
+    let config = match config {
+        Ok(Some(c)) => c,
+        Ok(None) => return Err(Attempt::NoSecret(format!("pull secret {name} not found"))),
+        Err(e) => return Err(Attempt::Retry(format!("pull secret {name}: {e}"))),
+    };
+    let auths =
+        auth::parse_docker_config(&config).map_err(|e| Attempt::NoSecret(format!("pull secret {name}: {e}")))?;
+    let reference = parse_reference(image).map_err(|e| Attempt::GiveUp(e.to_string()))?;
+    Ok(auth::for_registry(&auths, reference.resolve_registry()))
 }
 
 /// Parses every document of a (multi-document) YAML or JSON text.

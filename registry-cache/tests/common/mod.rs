@@ -381,3 +381,256 @@ pub async fn answers(addr: SocketAddr) -> bool {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("client");
     client.get(format!("http://{addr}/")).send().await.is_ok_and(|r| r.status() == 200)
 }
+
+/// An EnvoyExtensionPolicy `namespace/name` naming `image`, with pull Secret `regcred` when
+/// `secret` is set, as a manifest for a policies directory.
+pub fn policy_yaml(namespace: &str, name: &str, image: &str, secret: bool) -> String {
+    let pull_secret = if secret { "\n          pullSecretRef:\n            name: regcred" } else { "" };
+    format!(
+        "apiVersion: gateway.envoyproxy.io/v1alpha1\nkind: EnvoyExtensionPolicy\nmetadata:\n  name: {name}\n  namespace: {namespace}\n\
+         spec:\n  targetRefs:\n    - group: gateway.networking.k8s.io\n      kind: HTTPRoute\n      name: backend\n\
+         \x20 wasm:\n    - name: {name}\n      code:\n        type: Image\n        image:\n          url: {image}{pull_secret}\n"
+    )
+}
+
+/// `serve` in-process: the service, its address, and the server task (aborted on drop).
+pub struct Serving {
+    pub service: registry_cache::service::Service,
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts a service reading policies from `policies_dir` (scanned every second) with `options`
+/// otherwise, and serves it on a free loopback port.
+pub async fn serve_service(mut options: registry_cache::service::ServiceOptions, policies_dir: &Path) -> Serving {
+    options.settings.sources.directories = vec![policies_dir.to_path_buf()];
+    options.settings.sources.rescan_seconds = 1;
+    let service = registry_cache::service::Service::start(options).await.expect("service");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = server::router(Arc::clone(&service.state));
+    let task = tokio::spawn(async move {
+        let _ = server::serve(listener, app, std::future::pending()).await;
+    });
+    Serving { service, addr, task }
+}
+
+/// `ServiceOptions` for a cache in `cache_dir` reaching `registries` over plain HTTP.
+pub fn service_options(
+    cache_dir: &Path,
+    registries: &[SocketAddr],
+    url_key: &[u8],
+) -> registry_cache::service::ServiceOptions {
+    registry_cache::service::ServiceOptions {
+        cache_dir: cache_dir.to_path_buf(),
+        max_cache_bytes: 1 << 30,
+        permission_ttl: Duration::from_secs(300),
+        pull: PullOptions {
+            insecure_registries: registries.iter().map(ToString::to_string).collect(),
+            ..PullOptions::default()
+        },
+        settings: registry_cache::sources::config::Settings::default(),
+        signer: None,
+        url_key: url_key.to_vec(),
+    }
+}
+
+/// `GET /status` as JSON (Null when it does not answer with JSON).
+pub async fn status(addr: SocketAddr) -> serde_json::Value {
+    let Ok(r) = reqwest::get(format!("http://{addr}/status")).await else { return serde_json::Value::Null };
+    let text = r.text().await.unwrap_or_default();
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
+}
+
+/// The `/status` entry of `image`, if any.
+pub async fn target_status(addr: SocketAddr, image: &str) -> Option<serde_json::Value> {
+    status(addr).await["targets"].as_array()?.iter().find(|t| t["image"] == image).cloned()
+}
+
+/// The body of `GET path` (plain HTTP) when it answers 200.
+pub async fn get_body(addr: SocketAddr, path: &str) -> Option<Vec<u8>> {
+    let r = reqwest::get(format!("http://{addr}{path}")).await.ok()?;
+    if r.status() != 200 {
+        return None;
+    }
+    r.bytes().await.ok().map(|b| b.to_vec())
+}
+
+/// The `/wasm` URL path that lets `namespace` fetch `module` under `url_key`.
+pub fn wasm_path(url_key: &[u8], namespace: &str, module: &str) -> String {
+    let token = registry_cache::permissions::url_token(url_key, namespace, module).expect("url key long enough");
+    format!("/wasm/{}.wasm?namespace={namespace}&token={token}", module.trim_start_matches("sha256:"))
+}
+
+/// Runs the openssl CLI, which makes the tests' certificates (an independent implementation).
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl").current_dir(dir).args(args).output().expect("openssl CLI");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A certificate authority made with openssl, in a directory of its own.
+pub struct TestCa {
+    dir: std::path::PathBuf,
+    /// The CA certificate, PEM: what clients trust, `ca.crt`.
+    pub cert: Vec<u8>,
+}
+
+impl TestCa {
+    pub fn new(dir: &Path, name: &str) -> Self {
+        let dir = dir.join(format!("ca-{name}"));
+        std::fs::create_dir_all(&dir).expect("CA dir");
+        openssl(
+            &dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=test CA {name}"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        );
+        let cert = std::fs::read(dir.join("ca.crt")).expect("ca.crt");
+        Self { dir, cert }
+    }
+
+    /// A new server certificate for 127.0.0.1 and localhost, with a random serial:
+    /// (`tls.crt`, `tls.key`), PEM.
+    pub fn leaf(&self) -> (Vec<u8>, Vec<u8>) {
+        let ext = "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n\
+                   keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n";
+        std::fs::write(self.dir.join("leaf.ext"), ext).expect("ext");
+        openssl(
+            &self.dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                "tls.key",
+                "-out",
+                "leaf.csr",
+                "-subj",
+                "/CN=registry-cache",
+            ],
+        );
+        let serial: u64 = rand_serial();
+        openssl(
+            &self.dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "leaf.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-days",
+                "2",
+                "-set_serial",
+                &serial.to_string(),
+                "-extfile",
+                "leaf.ext",
+                "-out",
+                "tls.crt",
+            ],
+        );
+        (
+            std::fs::read(self.dir.join("tls.crt")).expect("tls.crt"),
+            std::fs::read(self.dir.join("tls.key")).expect("tls.key"),
+        )
+    }
+}
+
+fn rand_serial() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.finish() >> 1
+}
+
+/// A directory laid out as the kubelet projects a Secret volume: each key a symlink through
+/// `..data`, which points at a timestamped directory and is replaced atomically (a rename)
+/// when the Secret changes.
+pub struct SecretVolume {
+    pub dir: std::path::PathBuf,
+    generation: u32,
+}
+
+impl SecretVolume {
+    pub fn new(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).expect("volume dir");
+        Self { dir: dir.to_path_buf(), generation: 0 }
+    }
+
+    /// Makes `files` (key, content) the volume's content, all at once.
+    pub fn project(&mut self, files: &[(&str, &[u8])]) {
+        use std::os::unix::fs::symlink;
+        self.generation += 1;
+        let data = format!("..gen_{}", self.generation);
+        std::fs::create_dir(self.dir.join(&data)).expect("data dir");
+        for (key, content) in files {
+            std::fs::write(self.dir.join(&data).join(key), content).expect("secret file");
+            let link = self.dir.join(key);
+            if link.symlink_metadata().is_err() {
+                symlink(format!("..data/{key}"), &link).expect("key symlink");
+            }
+        }
+        symlink(&data, self.dir.join("..data_tmp")).expect("..data_tmp");
+        std::fs::rename(self.dir.join("..data_tmp"), self.dir.join("..data")).expect("swap ..data");
+    }
+
+    pub fn path(&self, key: &str) -> std::path::PathBuf {
+        self.dir.join(key)
+    }
+}
+
+/// An HTTPS client that trusts `ca` (PEM) and nothing else, on a new connection each time.
+pub fn https_client(ca: &[u8]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(ca).expect("CA PEM"))
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+/// Whether `GET url` through `client` answers 200.
+pub async fn get_ok(client: &reqwest::Client, url: &str) -> bool {
+    client.get(url).send().await.is_ok_and(|r| r.status() == 200)
+}
+
+/// A minimal app (`GET /` answers "ok") behind `server::serve_tls`, `limits` and `tls`.
+pub async fn serve_minimal_tls(limits: server::ServerLimits, tls: &Arc<registry_cache::tls::ServerTls>) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+    let tls = Arc::clone(tls);
+    tokio::spawn(async move { server::serve_tls(listener, app, std::future::pending(), limits, &tls).await });
+    addr
+}
