@@ -16,8 +16,12 @@ async fn the_filter_comes_from_the_cache_and_fails_fewer_requests_than_plain() -
     let d = &outcome.delivery;
     assert_eq!(d.module_sha256, harness::sha256_hex(&module), "the policy must pin the module that was built");
     assert!(
-        d.configured.filter.source.url.starts_with(&format!("http://{}/wasm/{}.wasm?", d.cache_addr, d.module_sha256)),
-        "Envoy must fetch the module from the cache: {}",
+        d.configured.filter.source.url.starts_with(&format!(
+            "https://localhost:{}/wasm/{}.wasm?",
+            d.cache_addr.port(),
+            d.module_sha256
+        )),
+        "Envoy must fetch the module from the cache, over TLS: {}",
         d.configured.filter.source.url
     );
     assert!(d.signature_verified, "the cached artifact must carry a valid signature");
