@@ -43,7 +43,7 @@ async fn a_pod_that_stops_answering_gets_no_new_requests_long_before_any_timeout
     let (answered_after, failed_after, misrouted_after) =
         (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let traffic = {
-        let counters = [&phase, &doubted_seen, &answered_after, &failed_after, &misrouted_after].map(|c| Arc::clone(c));
+        let counters = [&phase, &doubted_seen, &answered_after, &failed_after, &misrouted_after].map(Arc::clone);
         let (client, url, silent_addr) = (client.clone(), lab.url("/"), silent_addr.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(5));
