@@ -1089,6 +1089,60 @@ mod tests {
         assert!(c.has_entry_intact("r/c:1"));
     }
 
+    /// Every chunk of `reader`, or the error that ended it, and how many bytes came before.
+    fn drain(reader: &mut BlobReader, chunk: usize) -> (Result<Vec<u8>, CacheError>, usize) {
+        let mut all = vec![];
+        loop {
+            match reader.next_chunk(chunk) {
+                Ok(Some(c)) => all.extend_from_slice(&c),
+                Ok(None) => return (Ok(all.clone()), all.len()),
+                Err(e) => return (Err(e), all.len()),
+            }
+        }
+    }
+
+    #[test]
+    fn a_blob_reader_returns_a_sound_blob_whole_and_never_the_end_of_a_corrupt_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path(), 1 << 30).unwrap();
+        let blob: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let d = c.put_blob(&blob).unwrap();
+        let e = c.put_blob(b"").unwrap();
+        let mut reader = c.open_blob(&d).unwrap().unwrap();
+        assert_eq!(reader.len(), 10_000);
+        assert_eq!(drain(&mut reader, 4096).0.unwrap(), blob);
+        assert_eq!(drain(&mut c.open_blob(&e).unwrap().unwrap(), 4096).0.unwrap(), b"");
+        assert!(c.open_blob(&format!("sha256:{}", "0".repeat(64))).unwrap().is_none());
+
+        // A flipped byte in the first chunk is found only at the end: everything but the last
+        // chunk goes out, then the error.
+        let mut rotten = blob.clone();
+        rotten[10] ^= 1;
+        fs::write(c.blob_path(&d).unwrap(), &rotten).unwrap();
+        let (read, before) = drain(&mut c.open_blob(&d).unwrap().unwrap(), 4096);
+        assert!(matches!(read, Err(CacheError::Corrupt(_))) && before == 8192, "{read:?} after {before} bytes");
+        // Truncated in place after it was opened.
+        fs::write(c.blob_path(&d).unwrap(), &blob).unwrap();
+        let mut reader = c.open_blob(&d).unwrap().unwrap();
+        File::options().write(true).open(c.blob_path(&d).unwrap()).unwrap().set_len(5000).unwrap();
+        let (read, before) = drain(&mut reader, 4096);
+        assert!(matches!(read, Err(CacheError::Corrupt(_))) && before == 4096, "{read:?} after {before} bytes");
+    }
+
+    #[test]
+    fn a_corrupt_read_reported_drops_the_entries_unless_the_blob_was_mended_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path(), 1 << 30).unwrap();
+        let m = c.put_blob(b"module").unwrap();
+        c.record(entry("r/a:1", &m, 6, 1, &c)).unwrap();
+        // A reader saw it corrupt, but a publish stored the right bytes since: nothing to drop.
+        c.report_corrupt(&m);
+        assert!(c.has_entry_intact("r/a:1"));
+        fs::write(c.blob_path(&m).unwrap(), b"modulX").unwrap();
+        c.report_corrupt(&m);
+        assert!(c.lookup("r/a:1").is_none() && !c.has_blob(&m));
+    }
+
     #[test]
     fn the_entry_just_recorded_is_never_the_one_evicted() {
         let dir = tempfile::tempdir().unwrap();
