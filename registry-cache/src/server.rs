@@ -582,6 +582,13 @@ pub async fn serve_tls(
 
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
+/// What hyper buffers per connection, each way: the request head it reads (headers larger
+/// than this are refused), and the response body it queues for a client that reads slowly.
+/// hyper's default, 400 KiB, let a client that asks for a large blob and stops reading hold
+/// over half a MiB of the server with TLS's buffer: with `max_connections` of them, gigabytes.
+/// One blob chunk is enough to keep the socket busy.
+const CONNECTION_BUFFER_BYTES: usize = BLOB_CHUNK_BYTES;
+
 async fn serve_connections(
     listener: tokio::net::TcpListener,
     app: Router,
@@ -616,6 +623,7 @@ async fn serve_connections(
             let http = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
+                .max_buf_size(CONNECTION_BUFFER_BYTES)
                 .clone();
             let mut first = [0u8; 1];
             let Some(acceptor) = tls else {
