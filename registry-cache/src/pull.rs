@@ -149,7 +149,7 @@ impl Puller {
         // Capped while it streams in: a registry that lies about the layer's size cannot make
         // us hold more than the limit.
         let layer = session.blob(&wasm.layer.digest, limit, "layer").await?;
-        let module = artifact::extract_module(wasm.format, &layer, limit)?;
+        let module = artifact::into_module(wasm.format, layer, limit)?;
         Ok(Pulled { reference: reference.whole(), upstream_digest, format: wasm.format, module, verified_by })
     }
 
@@ -398,7 +398,9 @@ async fn read_capped(mut response: reqwest::Response, limit: u64, what: &'static
     if response.content_length().is_some_and(|declared| declared > limit) {
         return Err(too_large());
     }
-    let mut body = Vec::new();
+    // Room for what it announces (within the cap), so that a large layer is not copied as
+    // the buffer grows.
+    let mut body = Vec::with_capacity(response.content_length().unwrap_or(0).min(limit) as usize);
     while let Some(chunk) =
         response.chunk().await.map_err(|e| PullError::Registry(format!("reading the {what}: {}", describe(&e))))?
     {
