@@ -384,8 +384,9 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .map_err(|e| CacheError::Io { path: "blob".into(), source: std::io::Error::other(e) })
 }
 
-/// Answers with a blob streamed from disk and verified as it goes ([`BlobReader`]): a request
-/// holds a chunk or two in memory, whatever the blob's size. `None`: not stored.
+/// Answers with a blob streamed from disk and verified as it goes
+/// ([`crate::cache::BlobReader`]): a request holds a chunk or two in memory, whatever the
+/// blob's size. `None`: not stored.
 ///
 /// The first chunk is read before answering, so a blob that fits in it (manifests, signatures,
 /// small modules) is verified before the status line goes out, and a corrupt one is answered

@@ -314,10 +314,13 @@ async fn a_module_of_many_chunks_corrupted_on_disk_is_never_delivered_whole_and_
     );
 }
 
-/// The `registry-cache` binary to measure: `REGISTRY_CACHE_BIN` (a release build, as deployed)
-/// when set, else this test build's.
+/// The `registry-cache` binary to measure: `REGISTRY_CACHE_BIN` (a release build, as deployed;
+/// relative to the workspace) when set, else this test build's.
 fn measured_bin() -> (tokio::process::Command, String) {
-    let path = std::env::var("REGISTRY_CACHE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_registry-cache").into());
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let path = std::env::var("REGISTRY_CACHE_BIN")
+        .map(|p| workspace.join(p).display().to_string())
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_registry-cache").into());
     let mut cmd = tokio::process::Command::new(&path);
     cmd.env("RUST_LOG", "warn").kill_on_drop(true);
     (cmd, path)
