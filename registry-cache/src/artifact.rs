@@ -194,6 +194,21 @@ pub fn extract_module(format: Format, layer: &[u8], limit: u64) -> Result<Vec<u8
     Ok(module)
 }
 
+/// As [`extract_module`], taking the layer: a layer that is the module is returned as is,
+/// not copied, so a pull holds one copy of a large module rather than two.
+pub fn into_module(format: Format, layer: Vec<u8>, limit: u64) -> Result<Vec<u8>, ArtifactError> {
+    match format {
+        Format::Compat => extract_module(format, &layer, limit),
+        Format::SoloOci | Format::CncfArtifact => {
+            if layer.len() as u64 > limit {
+                return Err(ArtifactError::TooLarge { what: "module", limit });
+            }
+            check_wasm(&layer)?;
+            Ok(layer)
+        }
+    }
+}
+
 /// Reads `plugin.wasm` out of a tar+gzip layer. Decompression is bounded, so a gzip bomb stops
 /// at the limit; entries with absolute or `..` paths are refused outright.
 fn extract_from_tar_gz(layer: &[u8], limit: u64) -> Result<Vec<u8>, ArtifactError> {
@@ -392,6 +407,13 @@ mod tests {
     fn oversized_and_non_wasm_modules_are_refused() {
         assert!(matches!(extract_module(Format::SoloOci, &vec![0; 2048], 1024), Err(ArtifactError::TooLarge { .. })));
         assert_eq!(extract_module(Format::CncfArtifact, b"\x7fELF....", 1 << 20), Err(ArtifactError::NotWasm));
+        // Taking the layer: the same answers, and a module layer is the module, not a copy.
+        assert!(matches!(into_module(Format::SoloOci, vec![0; 2048], 1024), Err(ArtifactError::TooLarge { .. })));
+        assert_eq!(into_module(Format::CncfArtifact, b"\x7fELF....".to_vec(), 1 << 20), Err(ArtifactError::NotWasm));
+        let layer = wasm();
+        let at = layer.as_ptr();
+        assert_eq!(into_module(Format::SoloOci, layer, 1 << 20).map(|m| m.as_ptr()), Ok(at));
+        assert_eq!(into_module(Format::Compat, tar_gz(&[("plugin.wasm", &wasm())]), 1 << 20), Ok(wasm()));
         let big = [WASM_MAGIC.to_vec(), vec![0; 4096]].concat();
         assert!(matches!(
             extract_module(Format::Compat, &tar_gz(&[("plugin.wasm", &big)]), 1024),

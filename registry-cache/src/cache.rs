@@ -29,9 +29,10 @@
 
 use crate::artifact::{digest_hex, sha256_hex};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{Read as _, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -226,6 +227,69 @@ impl BlobStore for Staging<'_> {
     }
 }
 
+/// How much of a blob is read, hashed and handed on at a time.
+pub const BLOB_CHUNK_BYTES: usize = 64 << 10;
+
+/// A blob being read in chunks, hashed as it goes. The chunk that ends the blob is returned
+/// only once the whole blob has matched its digest: whoever streams a blob through this hands
+/// on all of it only if it is sound, and learns of a mismatch before its last bytes go out.
+pub struct BlobReader {
+    file: File,
+    path: PathBuf,
+    digest: String,
+    hasher: Sha256,
+    len: u64,
+    remaining: u64,
+    /// The last chunk was returned.
+    done: bool,
+}
+
+impl BlobReader {
+    /// The blob's length, as stored when it was opened.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// The next at most `max` bytes; `None` once all were returned. [`CacheError::Corrupt`]
+    /// when the blob does not match its digest (or is shorter than it was when opened), in
+    /// place of its last chunk. Blocking file I/O.
+    pub fn next_chunk(&mut self, max: usize) -> Result<Option<Vec<u8>>, CacheError> {
+        if self.done {
+            return Ok(None);
+        }
+        let want = usize::try_from(self.remaining).unwrap_or(usize::MAX).min(max.max(1));
+        let mut chunk = vec![0u8; want];
+        let mut filled = 0;
+        while filled < want {
+            let read = self.file.read(chunk.get_mut(filled..).unwrap_or_default()).map_err(io(&self.path))?;
+            if read == 0 {
+                // Truncated in place: the file is no longer what was stored.
+                return Err(CacheError::Corrupt(self.digest.clone()));
+            }
+            filled += read;
+        }
+        self.hasher.update(&chunk);
+        self.remaining -= want as u64;
+        if self.remaining == 0 {
+            // An empty blob is one empty chunk: it too is verified before it ends.
+            self.done = true;
+            let actual = format!("sha256:{}", hex::encode(std::mem::take(&mut self.hasher).finalize()));
+            if actual != self.digest {
+                return Err(CacheError::Corrupt(self.digest.clone()));
+            }
+        }
+        Ok(Some(chunk))
+    }
+}
+
 fn fsync_dir(dir: &Path) -> Result<(), CacheError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
 }
@@ -257,7 +321,7 @@ impl Cache {
             corrupt_listener: std::sync::OnceLock::new(),
         };
         let entries: Vec<Entry> = cache.entries();
-        let intact = |digest: &String| matches!(cache.read_verified(digest), Ok(Some(_)));
+        let intact = |digest: &String| matches!(cache.check_file(digest), Ok(Some(_)));
         for e in entries {
             if let Some(digest) = [&e.module, &e.manifest, &e.config].into_iter().find(|d| !intact(d)) {
                 tracing::warn!(reference = %e.reference, %digest, "dropping cache entry with a missing or corrupt blob");
@@ -349,7 +413,7 @@ impl Cache {
     fn store_blob(&self, digest: &str, bytes: &[u8]) -> Result<(), CacheError> {
         let path = self.blob_path(digest)?;
         // A corrupt copy is replaced here by the right bytes, which makes its users whole again.
-        if !matches!(self.read_verified(digest), Ok(Some(_))) {
+        if !matches!(self.check_file(digest), Ok(Some(_))) {
             self.write_atomically(&path, bytes)?;
         }
         Ok(())
@@ -357,19 +421,59 @@ impl Cache {
 
     /// Reads and verifies a blob. A blob that does not match its digest is deleted, and so are
     /// the entries that use it (the [`Cache::on_corrupt`] listener is told which); a read-only
-    /// cache only reports it.
+    /// cache only reports it. Holds the whole blob: to serve one, use [`Cache::open_blob`].
     pub fn get_blob(&self, digest: &str) -> Result<Option<Vec<u8>>, CacheError> {
         let read = self.read_verified(digest);
-        if matches!(read, Err(CacheError::Corrupt(_))) && !self.read_only {
-            let dropped = self.drop_users_of(digest);
-            if !dropped.is_empty() {
-                tracing::error!(%digest, references = ?dropped, "corrupt blob on disk; dropped the entries using it");
-                if let Some(listener) = self.corrupt_listener.get() {
-                    listener(dropped);
-                }
-            }
+        if matches!(read, Err(CacheError::Corrupt(_))) {
+            self.corrupt_found(digest);
         }
         read
+    }
+
+    /// Opens a blob to be streamed: [`BlobReader`] verifies it as it is read. `None` if absent.
+    pub fn open_blob(&self, digest: &str) -> Result<Option<BlobReader>, CacheError> {
+        let path = self.blob_path(digest)?;
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(CacheError::Io { path, source: e }),
+        };
+        // The length of the file opened: a blob is replaced by renaming, never rewritten, so
+        // this descriptor's bytes stay what they are whatever is stored meanwhile.
+        let len = file.metadata().map_err(io(&path))?.len();
+        Ok(Some(BlobReader {
+            file,
+            path,
+            digest: digest.to_string(),
+            hasher: Sha256::new(),
+            len,
+            remaining: len,
+            done: false,
+        }))
+    }
+
+    /// Told by a [`BlobReader`] that the blob it read did not match: checks the file stored now
+    /// and, if it does not match either (it was not mended meanwhile), deletes it and drops the
+    /// entries using it, as [`Cache::get_blob`] does.
+    pub fn report_corrupt(&self, digest: &str) {
+        if matches!(self.check_file(digest), Err(CacheError::Corrupt(_))) {
+            self.corrupt_found(digest);
+        }
+    }
+
+    /// After a blob was found corrupt (and deleted): drops the entries using it and tells the
+    /// listener. A read-only cache changes nothing.
+    fn corrupt_found(&self, digest: &str) {
+        if self.read_only {
+            return;
+        }
+        let dropped = self.drop_users_of(digest);
+        if !dropped.is_empty() {
+            tracing::error!(%digest, references = ?dropped, "corrupt blob on disk; dropped the entries using it");
+            if let Some(listener) = self.corrupt_listener.get() {
+                listener(dropped);
+            }
+        }
     }
 
     /// Removes the entries one of whose blobs is `digest`; returns their references. Their
@@ -404,12 +508,32 @@ impl Cache {
             Err(e) => return Err(CacheError::Io { path, source: e }),
         };
         if format!("sha256:{}", sha256_hex(&bytes)) != digest {
-            if !self.read_only {
-                let _ = fs::remove_file(&path);
-            }
+            self.delete_corrupt(&path);
             return Err(CacheError::Corrupt(digest.to_string()));
         }
         Ok(Some(bytes))
+    }
+
+    /// As [`Cache::read_verified`], hashing the file as it streams by instead of holding it.
+    fn check_file(&self, digest: &str) -> Result<Option<()>, CacheError> {
+        let Some(mut reader) = self.open_blob(digest)? else { return Ok(None) };
+        loop {
+            match reader.next_chunk(BLOB_CHUNK_BYTES) {
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok(Some(())),
+                Err(e @ CacheError::Corrupt(_)) => {
+                    self.delete_corrupt(&reader.path);
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn delete_corrupt(&self, path: &Path) {
+        if !self.read_only {
+            let _ = fs::remove_file(path);
+        }
     }
 
     pub fn has_blob(&self, digest: &str) -> bool {
@@ -963,6 +1087,60 @@ mod tests {
         assert_eq!(c.put_blob(b"own module").unwrap(), own);
         assert_eq!(c.get_blob(&own).unwrap().as_deref(), Some(&b"own module"[..]));
         assert!(c.has_entry_intact("r/c:1"));
+    }
+
+    /// Every chunk of `reader`, or the error that ended it, and how many bytes came before.
+    fn drain(reader: &mut BlobReader, chunk: usize) -> (Result<Vec<u8>, CacheError>, usize) {
+        let mut all = vec![];
+        loop {
+            match reader.next_chunk(chunk) {
+                Ok(Some(c)) => all.extend_from_slice(&c),
+                Ok(None) => return (Ok(all.clone()), all.len()),
+                Err(e) => return (Err(e), all.len()),
+            }
+        }
+    }
+
+    #[test]
+    fn a_blob_reader_returns_a_sound_blob_whole_and_never_the_end_of_a_corrupt_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path(), 1 << 30).unwrap();
+        let blob: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let d = c.put_blob(&blob).unwrap();
+        let e = c.put_blob(b"").unwrap();
+        let mut reader = c.open_blob(&d).unwrap().unwrap();
+        assert_eq!(reader.len(), 10_000);
+        assert_eq!(drain(&mut reader, 4096).0.unwrap(), blob);
+        assert_eq!(drain(&mut c.open_blob(&e).unwrap().unwrap(), 4096).0.unwrap(), b"");
+        assert!(c.open_blob(&format!("sha256:{}", "0".repeat(64))).unwrap().is_none());
+
+        // A flipped byte in the first chunk is found only at the end: everything but the last
+        // chunk goes out, then the error.
+        let mut rotten = blob.clone();
+        rotten[10] ^= 1;
+        fs::write(c.blob_path(&d).unwrap(), &rotten).unwrap();
+        let (read, before) = drain(&mut c.open_blob(&d).unwrap().unwrap(), 4096);
+        assert!(matches!(read, Err(CacheError::Corrupt(_))) && before == 8192, "{read:?} after {before} bytes");
+        // Truncated in place after it was opened.
+        fs::write(c.blob_path(&d).unwrap(), &blob).unwrap();
+        let mut reader = c.open_blob(&d).unwrap().unwrap();
+        File::options().write(true).open(c.blob_path(&d).unwrap()).unwrap().set_len(5000).unwrap();
+        let (read, before) = drain(&mut reader, 4096);
+        assert!(matches!(read, Err(CacheError::Corrupt(_))) && before == 4096, "{read:?} after {before} bytes");
+    }
+
+    #[test]
+    fn a_corrupt_read_reported_drops_the_entries_unless_the_blob_was_mended_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path(), 1 << 30).unwrap();
+        let m = c.put_blob(b"module").unwrap();
+        c.record(entry("r/a:1", &m, 6, 1, &c)).unwrap();
+        // A reader saw it corrupt, but a publish stored the right bytes since: nothing to drop.
+        c.report_corrupt(&m);
+        assert!(c.has_entry_intact("r/a:1"));
+        fs::write(c.blob_path(&m).unwrap(), b"modulX").unwrap();
+        c.report_corrupt(&m);
+        assert!(c.lookup("r/a:1").is_none() && !c.has_blob(&m));
     }
 
     #[test]

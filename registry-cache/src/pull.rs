@@ -1,16 +1,13 @@
-//! Pulling Wasm artifacts from registries with `oci-client`, verifying every digest and
-//! refusing anything that is not a well-formed, bounded Wasm module.
+//! Pulling Wasm artifacts from registries, verifying every digest and refusing anything that
+//! is not a well-formed, bounded Wasm module. Every body a registry sends (manifests, blobs,
+//! token answers, errors) is read with a cap enforced as it streams in.
 
-use crate::artifact::{self, ArtifactError, Format, DOCKER_MANIFEST, OCI_MANIFEST};
-use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::manifest::OciDescriptor;
+use crate::artifact::{self, ArtifactError, Format};
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use oci_client::Reference;
 use reqwest::header::{ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode};
 use std::collections::HashMap;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// An error with its causes: oci-client's errors say "error decoding response body" and keep
@@ -112,33 +109,6 @@ impl Puller {
         Self { options, http }
     }
 
-    /// A client for one operation. oci-client remembers the first credentials it is given for
-    /// a registry and reuses them for later calls, whatever those pass: one shared client would
-    /// lend one namespace's pull secret to another's requests.
-    fn client(&self) -> Client {
-        let options = &self.options;
-        let protocol = if options.insecure_registries.is_empty() {
-            ClientProtocol::Https
-        } else {
-            ClientProtocol::HttpsExcept(options.insecure_registries.clone())
-        };
-        let extra_root_certificates = options
-            .extra_ca_pem
-            .iter()
-            .map(|pem| oci_client::client::Certificate {
-                encoding: oci_client::client::CertificateEncoding::Pem,
-                data: pem.clone(),
-            })
-            .collect();
-        Client::new(ClientConfig {
-            protocol,
-            extra_root_certificates,
-            read_timeout: Some(options.read_timeout),
-            connect_timeout: Some(options.read_timeout),
-            ..ClientConfig::default()
-        })
-    }
-
     /// Pulls `image` (by tag or digest) and returns its verified module.
     pub async fn pull(&self, image: &str, auth: &RegistryAuth) -> Result<Pulled, PullError> {
         let limit = self.options.pull_timeout;
@@ -147,13 +117,15 @@ impl Puller {
         })
     }
 
+    /// The distribution protocol is spoken here with reqwest rather than through oci-client,
+    /// whose pulls read manifests, token answers and error bodies whole before anyone can look
+    /// at their size: a registry answering with a body of gigabytes had the cache hold all of
+    /// it. Here every body is read with its cap enforced as it streams in.
     async fn pull_unbounded(&self, image: &str, auth: &RegistryAuth) -> Result<Pulled, PullError> {
         let reference = parse_reference(image)?;
-        let client = self.client();
-        let (raw, _) = client
-            .pull_manifest_raw(&reference, auth, &[OCI_MANIFEST, DOCKER_MANIFEST])
-            .await
-            .map_err(|e| PullError::Registry(describe(&e)))?;
+        let session = self.session(&reference, auth).await?;
+        let tag_or_digest = reference.digest().or(reference.tag()).unwrap_or("latest");
+        let raw = session.manifest(tag_or_digest).await?;
         // The digest is computed here, not taken from the registry's header.
         let upstream_digest = format!("sha256:{}", artifact::sha256_hex(&raw));
         if let Some(pinned) = reference.digest() {
@@ -165,113 +137,46 @@ impl Puller {
         let wasm = artifact::wasm_layer(&manifest)?;
         let mut verified_by = vec![];
         if !self.options.require_signature.is_empty() {
-            verified_by =
-                self.check_signature(&client, &reference, &upstream_digest, auth).await.map_err(|e| match e {
-                    PullError::Signature { source, .. } => PullError::Signature { image: image.to_string(), source },
-                    other => other,
-                })?;
+            verified_by = self.check_signature(&session, &reference, &upstream_digest).await.map_err(|e| match e {
+                PullError::Signature { source, .. } => PullError::Signature { image: image.to_string(), source },
+                other => other,
+            })?;
         }
         let limit = self.options.max_module_bytes;
         if wasm.layer.size as u64 > limit {
             return Err(ArtifactError::TooLarge { what: "layer", limit }.into());
         }
-        let descriptor = OciDescriptor {
-            media_type: wasm.layer.media_type.clone(),
-            digest: wasm.layer.digest.clone(),
-            size: wasm.layer.size,
-            urls: None,
-            annotations: None,
-        };
-        let mut layer = LimitedBuffer { bytes: Vec::new(), limit };
-        client.pull_blob(&reference, &descriptor, &mut layer).await.map_err(|e| {
-            if layer.bytes.len() as u64 > limit {
-                PullError::Artifact(ArtifactError::TooLarge { what: "layer", limit })
-            } else {
-                PullError::Registry(describe(&e))
-            }
-        })?;
-        artifact::verify_digest(&layer.bytes, &wasm.layer.digest)?;
-        let module = artifact::extract_module(wasm.format, &layer.bytes, limit)?;
+        // Capped while it streams in: a registry that lies about the layer's size cannot make
+        // us hold more than the limit.
+        let layer = session.blob(&wasm.layer.digest, limit, "layer").await?;
+        let module = artifact::into_module(wasm.format, layer, limit)?;
         Ok(Pulled { reference: reference.whole(), upstream_digest, format: wasm.format, module, verified_by })
     }
-}
 
-/// Collects a blob, failing once it grows past `limit`: a registry that lies about a layer's
-/// size cannot make us buffer more than that.
-struct LimitedBuffer {
-    bytes: Vec<u8>,
-    limit: u64,
-}
-
-impl tokio::io::AsyncWrite for LimitedBuffer {
-    fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        if (self.bytes.len() + buf.len()) as u64 > self.limit {
-            let over = self.limit as usize + 1 - self.bytes.len().min(self.limit as usize + 1);
-            let take = buf.len().min(over);
-            self.bytes.extend_from_slice(buf.get(..take).unwrap_or_default());
-            return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::FileTooLarge, "layer too large")));
-        }
-        self.bytes.extend_from_slice(buf);
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl Puller {
     /// Requires a cosign signature of `digest` in `reference`'s repository that verifies with a
     /// trusted key, fetched with the same credentials as the artifact.
     async fn check_signature(
         &self,
-        client: &Client,
+        session: &Session<'_>,
         reference: &Reference,
         digest: &str,
-        auth: &RegistryAuth,
     ) -> Result<Vec<String>, PullError> {
         use crate::sign::{self, VerifyError};
         let refuse = |source: VerifyError| PullError::Signature { image: reference.whole(), source };
         let tag = sign::signature_tag(digest)?;
-        let sig_ref = Reference::with_tag(reference.registry().into(), reference.repository().into(), tag.clone());
-        let raw = match client.pull_manifest_raw(&sig_ref, auth, &[OCI_MANIFEST, DOCKER_MANIFEST]).await {
-            Ok((raw, _)) => raw,
-            Err(oci_client::errors::OciDistributionError::ImageManifestNotFoundError(_)) => {
-                return Err(refuse(VerifyError::NoSignature { digest: digest.into(), detail: format!("no tag {tag}") }))
-            }
-            Err(oci_client::errors::OciDistributionError::RegistryError { envelope, .. })
-                if envelope.errors.iter().any(|e| e.code == oci_client::errors::OciErrorCode::ManifestUnknown) =>
-            {
-                return Err(refuse(VerifyError::NoSignature { digest: digest.into(), detail: format!("no tag {tag}") }))
-            }
-            Err(oci_client::errors::OciDistributionError::ServerError { code: 404, .. }) => {
-                return Err(refuse(VerifyError::NoSignature { digest: digest.into(), detail: format!("no tag {tag}") }))
-            }
-            Err(e) => return Err(PullError::Registry(format!("fetching {tag}: {e}"))),
-        };
+        let response = session.get(&format!("manifests/{tag}"), Some(MANIFEST_TYPES)).await?;
+        if response.status() == StatusCode::NOT_FOUND {
+            return Err(refuse(VerifyError::NoSignature { digest: digest.into(), detail: format!("no tag {tag}") }));
+        }
+        let raw = read_capped(ok(response).await?, artifact::MAX_MANIFEST_BYTES as u64, "signature manifest").await?;
         let layers = sign::signature_layers(&raw).map_err(refuse)?;
         let mut fetched = vec![];
         for layer in layers {
             if layer.size > sign::MAX_PAYLOAD_BYTES {
                 return Err(refuse(VerifyError::Malformed(format!("payload of {} bytes", layer.size))));
             }
-            let descriptor = OciDescriptor {
-                media_type: sign::SIMPLE_SIGNING_MEDIA_TYPE.into(),
-                digest: layer.digest.clone(),
-                size: layer.size as i64,
-                urls: None,
-                annotations: None,
-            };
-            let mut payload = LimitedBuffer { bytes: Vec::new(), limit: sign::MAX_PAYLOAD_BYTES };
-            client
-                .pull_blob(&sig_ref, &descriptor, &mut payload)
-                .await
-                .map_err(|e| PullError::Registry(format!("fetching signature payload {}: {e}", layer.digest)))?;
-            fetched.push((layer, payload.bytes));
+            let payload = session.blob(&layer.digest, sign::MAX_PAYLOAD_BYTES, "signature payload").await?;
+            fetched.push((layer, payload));
         }
         sign::verify_layers(&fetched, digest, &self.options.require_signature).map_err(refuse)?;
         // Which keys: the cache re-checks its entries when the required keys change.
@@ -282,6 +187,60 @@ impl Puller {
             .filter(|k| sign::verify_layers(&fetched, digest, std::slice::from_ref(*k)).is_ok())
             .map(sign::PublicKey::fingerprint)
             .collect())
+    }
+
+    /// Plain HTTP only for hosts listed as is, as oci-client's `ClientProtocol::HttpsExcept`.
+    fn scheme(&self, registry: &str) -> &'static str {
+        if self.options.insecure_registries.iter().any(|r| r == registry) {
+            "http"
+        } else {
+            "https"
+        }
+    }
+
+    /// What a pull of `reference` with `auth` sends as its Authorization, as the registry's
+    /// challenge at `/v2/` asks: a pull token for the repository, or the Basic credentials.
+    async fn authorization(&self, reference: &Reference, auth: &RegistryAuth) -> Result<Authorization, String> {
+        let http = self.http.as_ref().map_err(Clone::clone)?;
+        let registry = reference.resolve_registry();
+        let basic = match auth {
+            RegistryAuth::Basic(user, password) => {
+                use base64::Engine as _;
+                Some(format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+                ))
+            }
+            _ => None,
+        };
+        match auth {
+            // A token the client already holds is presented as is, as oci-client does.
+            RegistryAuth::Bearer(token) => Ok(Authorization::Send(Some(format!("Bearer {token}")))),
+            _ => match challenge(http, &format!("{}://{registry}/v2/", self.scheme(registry))).await? {
+                Challenge::Bearer { realm, service } => {
+                    let scope = format!("repository:{}:pull", reference.repository());
+                    match bearer_token(http, &realm, service.as_deref(), &scope, basic.as_deref()).await? {
+                        Some(token) => Ok(Authorization::Send(Some(format!("Bearer {token}")))),
+                        None => Ok(Authorization::Refused(realm)),
+                    }
+                }
+                // Basic, or no authentication at /v2/: the credentials go with the request itself.
+                Challenge::Basic | Challenge::None => Ok(Authorization::Send(basic)),
+            },
+        }
+    }
+
+    async fn session<'a>(&'a self, reference: &Reference, auth: &RegistryAuth) -> Result<Session<'a>, PullError> {
+        let http = self.http.as_ref().map_err(|e| PullError::Registry(e.clone()))?;
+        let authorization = match self.authorization(reference, auth).await.map_err(PullError::Registry)? {
+            Authorization::Send(value) => value,
+            Authorization::Refused(realm) => {
+                return Err(PullError::Registry(format!("token service {realm} refused these credentials")))
+            }
+        };
+        let registry = reference.resolve_registry();
+        let base = format!("{}://{registry}/v2/{}", self.scheme(registry), reference.repository());
+        Ok(Session { http, base, authorization })
     }
 
     /// Whether `auth` may read `image` at the upstream registry: the proof a client gives
@@ -307,37 +266,15 @@ impl Puller {
     async fn check_access(&self, reference: &Reference, auth: &RegistryAuth) -> Result<bool, String> {
         let http = self.http.as_ref().map_err(Clone::clone)?;
         let registry = reference.resolve_registry();
-        // As oci-client's `ClientProtocol::HttpsExcept`: plain HTTP only for hosts listed as is.
-        let scheme = if self.options.insecure_registries.iter().any(|r| r == registry) { "http" } else { "https" };
-        let basic = match auth {
-            RegistryAuth::Basic(user, password) => {
-                use base64::Engine as _;
-                Some(format!(
-                    "Basic {}",
-                    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-                ))
-            }
-            _ => None,
-        };
-        let authorization = match auth {
-            // A token the client already holds is presented as is, as oci-client does.
-            RegistryAuth::Bearer(token) => Some(format!("Bearer {token}")),
-            _ => match challenge(http, &format!("{scheme}://{registry}/v2/")).await? {
-                Challenge::Bearer { realm, service } => {
-                    let scope = format!("repository:{}:pull", reference.repository());
-                    match bearer_token(http, &realm, service.as_deref(), &scope, basic.as_deref()).await? {
-                        Some(token) => Some(format!("Bearer {token}")),
-                        None => return Ok(false),
-                    }
-                }
-                // Basic, or no authentication at /v2/: the credentials go with the request itself.
-                Challenge::Basic | Challenge::None => basic,
-            },
+        let scheme = self.scheme(registry);
+        let authorization = match self.authorization(reference, auth).await? {
+            Authorization::Send(value) => value,
+            Authorization::Refused(_) => return Ok(false),
         };
         let tag_or_digest = reference.digest().or(reference.tag()).unwrap_or("latest");
         let url = format!("{scheme}://{registry}/v2/{}/manifests/{tag_or_digest}", reference.repository());
         let manifest = |method| {
-            let request = http.request(method, &url).header(ACCEPT, format!("{OCI_MANIFEST}, {DOCKER_MANIFEST}"));
+            let request = http.request(method, &url).header(ACCEPT, MANIFEST_TYPES);
             match &authorization {
                 Some(value) => request.header(AUTHORIZATION, value),
                 None => request,
@@ -357,6 +294,122 @@ impl Puller {
             _ => Err(format!("{url}: HTTP {status}")),
         }
     }
+}
+
+/// The manifest types a pull accepts.
+const MANIFEST_TYPES: &str =
+    "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// What an error answer's body may add to the error: its start, enough for an OCI error
+/// envelope's code and message. The rest is not read.
+const MAX_ERROR_BODY_BYTES: usize = 4 << 10;
+
+enum Authorization {
+    /// This `Authorization` header, or none.
+    Send(Option<String>),
+    /// The token service at this realm refused the credentials.
+    Refused(String),
+}
+
+/// One pull's requests to a repository: the same client, and the same Authorization (a pull
+/// token fetched once for the repository, or the Basic credentials) on each.
+struct Session<'a> {
+    http: &'a reqwest::Client,
+    /// `<scheme>://<registry>/v2/<repository>`
+    base: String,
+    authorization: Option<String>,
+}
+
+impl Session<'_> {
+    /// `GET <base>/<path>`, whatever the status. Redirects (blobs served from a CDN) are
+    /// followed by reqwest, which drops the Authorization header when the host changes.
+    async fn get(&self, path: &str, accept: Option<&str>) -> Result<reqwest::Response, PullError> {
+        let mut request = self.http.get(format!("{}/{path}", self.base));
+        if let Some(accept) = accept {
+            request = request.header(ACCEPT, accept);
+        }
+        if let Some(value) = &self.authorization {
+            request = request.header(AUTHORIZATION, value);
+        }
+        send(request).await.map_err(PullError::Registry)
+    }
+
+    /// The manifest under `tag_or_digest`, at most `MAX_MANIFEST_BYTES`.
+    async fn manifest(&self, tag_or_digest: &str) -> Result<Vec<u8>, PullError> {
+        let response = ok(self.get(&format!("manifests/{tag_or_digest}"), Some(MANIFEST_TYPES)).await?).await?;
+        read_capped(response, artifact::MAX_MANIFEST_BYTES as u64, "manifest").await
+    }
+
+    /// The blob `digest`, at most `limit` bytes, verified against its digest.
+    async fn blob(&self, digest: &str, limit: u64, what: &'static str) -> Result<Vec<u8>, PullError> {
+        artifact::digest_hex(digest)?;
+        let response = ok(self.get(&format!("blobs/{digest}"), None).await?).await?;
+        let bytes = read_capped(response, limit, what).await?;
+        artifact::verify_digest(&bytes, digest)?;
+        Ok(bytes)
+    }
+}
+
+/// `response` if it is a success; otherwise an error naming its status and what the start of
+/// its body says (at most `MAX_ERROR_BODY_BYTES` of it is read).
+async fn ok(mut response: reqwest::Response) -> Result<reqwest::Response, PullError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let url = response.url().clone();
+    let mut body = Vec::new();
+    while body.len() < MAX_ERROR_BODY_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    body.truncate(MAX_ERROR_BODY_BYTES);
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        errors: Vec<OciError>,
+    }
+    #[derive(serde::Deserialize)]
+    struct OciError {
+        code: String,
+        #[serde(default)]
+        message: String,
+    }
+    let detail = match serde_json::from_slice::<Envelope>(&body) {
+        Ok(envelope) => {
+            envelope.errors.iter().map(|e| format!("{}: {}", e.code, e.message)).collect::<Vec<_>>().join("; ")
+        }
+        Err(_) => String::from_utf8_lossy(&body).chars().filter(|c| !c.is_control()).take(200).collect(),
+    };
+    let detail = detail.trim();
+    Err(PullError::Registry(if detail.is_empty() {
+        format!("{url}: HTTP {status}")
+    } else {
+        format!("{url}: HTTP {status}: {detail}")
+    }))
+}
+
+/// The body of `response`, refused as soon as it is known to exceed `limit`: from its
+/// Content-Length before reading any of it, or as it streams in, so that at most `limit` and
+/// one network chunk are ever held, whatever the registry sends.
+async fn read_capped(mut response: reqwest::Response, limit: u64, what: &'static str) -> Result<Vec<u8>, PullError> {
+    let too_large = || PullError::Artifact(ArtifactError::TooLarge { what, limit });
+    if response.content_length().is_some_and(|declared| declared > limit) {
+        return Err(too_large());
+    }
+    // Room for what it announces (within the cap), so that a large layer is not copied as
+    // the buffer grows.
+    let mut body = Vec::with_capacity(response.content_length().unwrap_or(0).min(limit) as usize);
+    while let Some(chunk) =
+        response.chunk().await.map_err(|e| PullError::Registry(format!("reading the {what}: {}", describe(&e))))?
+    {
+        if (body.len() + chunk.len()) as u64 > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// Requests one `Puller::can_read` sends at most, short of redirects: the `/v2/` challenge, a
@@ -437,12 +490,16 @@ async fn bearer_token(
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => return Ok(None),
         status => return Err(format!("token service {realm}: HTTP {status}")),
     }
+    let too_large = || format!("token service {realm}: answer over {MAX_TOKEN_RESPONSE_BYTES} bytes");
+    if response.content_length().is_some_and(|declared| declared > MAX_TOKEN_RESPONSE_BYTES as u64) {
+        return Err(too_large());
+    }
     let mut body = Vec::new();
     while let Some(chunk) = response.chunk().await.map_err(|e| format!("token service {realm}: {}", describe(&e)))? {
-        body.extend_from_slice(&chunk);
-        if body.len() > MAX_TOKEN_RESPONSE_BYTES {
-            return Err(format!("token service {realm}: answer over {MAX_TOKEN_RESPONSE_BYTES} bytes"));
+        if body.len() + chunk.len() > MAX_TOKEN_RESPONSE_BYTES {
+            return Err(too_large());
         }
+        body.extend_from_slice(&chunk);
     }
     // Docker's token services answer `token`; OAuth2-style ones `access_token`.
     #[derive(serde::Deserialize)]

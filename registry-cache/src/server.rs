@@ -8,7 +8,7 @@
 //! known answer into an error.
 
 use crate::artifact::{digest_hex, OCI_MANIFEST};
-use crate::cache::{Cache, Entry};
+use crate::cache::{Cache, CacheError, Entry, BLOB_CHUNK_BYTES};
 use crate::publish::served_name;
 use crate::pull::parse_reference;
 use crate::sources::{PrefetchReport, Prefetcher, TargetStatus};
@@ -19,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use base64::Engine as _;
+use futures::StreamExt as _;
 use oci_client::secrets::RegistryAuth;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
@@ -273,17 +274,6 @@ fn entries_for(cache: &Cache, name: &str) -> Vec<(Entry, Option<String>)> {
         .collect()
 }
 
-fn blob_response(method: &Method, bytes: Vec<u8>, digest: &str, media_type: &str) -> Response {
-    let len = bytes.len();
-    let body = if method == Method::HEAD { Body::empty() } else { Body::from(bytes) };
-    Response::builder()
-        .header(header::CONTENT_TYPE, media_type)
-        .header(header::CONTENT_LENGTH, len)
-        .header("Docker-Content-Digest", digest)
-        .body(body)
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
-}
-
 async fn distribution(
     State(s): State<Arc<AppState>>,
     method: Method,
@@ -366,17 +356,15 @@ async fn distribution(
     if digest_hex(&digest).is_err() {
         return oci_error(StatusCode::BAD_REQUEST, "DIGEST_INVALID", "invalid digest");
     }
-    match read_blob(&s.cache, &digest).await {
-        Ok(Some(bytes)) => {
+    let media_type = if kind == "manifest" { OCI_MANIFEST } else { "application/octet-stream" };
+    match blob_response(&s, kind, &method, &digest, media_type).await {
+        Ok(Some(response)) => {
             s.cache.touch(&entry.reference);
-            s.count(kind, "served");
-            let media_type = if kind == "manifest" { OCI_MANIFEST } else { "application/octet-stream" };
-            blob_response(&method, bytes, &digest, media_type)
+            response
         }
         Ok(None) => oci_error(StatusCode::NOT_FOUND, unknown, "not in the cache"),
         Err(e) => {
-            tracing::error!(error = %e, %digest, "refusing to serve a corrupt blob");
-            s.count(kind, "corrupt");
+            tracing::error!(error = %e, %digest, "cannot serve a blob");
             oci_error(StatusCode::NOT_FOUND, unknown, "not in the cache")
         }
     }
@@ -388,13 +376,101 @@ struct WasmQuery {
     token: Option<String>,
 }
 
-/// Reads and verifies a blob off the async workers: hashing a large module must not stall
+/// Runs blocking file I/O (and hashing) off the async workers: a slow disk must not stall
 /// every other request (or the health probes) on this worker.
-async fn read_blob(cache: &Arc<Cache>, digest: &str) -> Result<Option<Vec<u8>>, crate::cache::CacheError> {
-    let (cache, digest) = (Arc::clone(cache), digest.to_string());
-    tokio::task::spawn_blocking(move || cache.get_blob(&digest))
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, CacheError> {
+    tokio::task::spawn_blocking(f)
         .await
-        .unwrap_or_else(|e| Err(crate::cache::CacheError::Io { path: "blob".into(), source: std::io::Error::other(e) }))
+        .map_err(|e| CacheError::Io { path: "blob".into(), source: std::io::Error::other(e) })
+}
+
+/// Answers with a blob streamed from disk and verified as it goes
+/// ([`crate::cache::BlobReader`]): a request holds a chunk or two in memory, whatever the
+/// blob's size. `None`: not stored.
+///
+/// The first chunk is read before answering, so a blob that fits in it (manifests, signatures,
+/// small modules) is verified before the status line goes out, and a corrupt one is answered
+/// 404. A larger blob found corrupt on the way ends its response before the last chunk: the
+/// client gets fewer bytes than Content-Length announced (and no content that passes a digest
+/// check), never the whole blob as if it were good. Either way the cache drops the entries
+/// using it, as [`Cache::get_blob`] does, and `serve` pulls them again.
+///
+/// Verified as it goes, rather than trusted because it was verified when stored or at open:
+/// a bit flipped on disk since then would otherwise be served as good until the next restart.
+/// The price is hashing what is served, which serving paid before it streamed too.
+async fn blob_response(
+    s: &Arc<AppState>,
+    kind: &'static str,
+    method: &Method,
+    digest: &str,
+    media_type: &str,
+) -> Result<Option<Response>, CacheError> {
+    let (cache, wanted) = (Arc::clone(&s.cache), digest.to_string());
+    let opened = blocking(move || {
+        let Some(mut reader) = cache.open_blob(&wanted)? else { return Ok(None) };
+        match reader.next_chunk(BLOB_CHUNK_BYTES) {
+            Ok(first) => Ok(Some((reader, first.unwrap_or_default()))),
+            Err(e) => {
+                if matches!(e, CacheError::Corrupt(_)) {
+                    cache.report_corrupt(&wanted);
+                }
+                Err(e)
+            }
+        }
+    })
+    .await?;
+    let (reader, first) = match opened {
+        Ok(Some(opened)) => opened,
+        Ok(None) => return Ok(None),
+        Err(e) => {
+            if matches!(e, CacheError::Corrupt(_)) {
+                s.count(kind, "corrupt");
+            }
+            return Err(e);
+        }
+    };
+    s.count(kind, "served");
+    let len = reader.len();
+    let body = if method == Method::HEAD {
+        Body::empty()
+    } else {
+        let state = Arc::clone(s);
+        let rest = futures::stream::try_unfold(reader, move |mut reader| {
+            let state = Arc::clone(&state);
+            async move {
+                let cache = Arc::clone(&state.cache);
+                let (reader, chunk) = blocking(move || {
+                    let chunk = reader.next_chunk(BLOB_CHUNK_BYTES);
+                    if matches!(chunk, Err(CacheError::Corrupt(_))) {
+                        cache.report_corrupt(reader.digest());
+                    }
+                    (reader, chunk)
+                })
+                .await
+                .map_err(std::io::Error::other)?;
+                match chunk {
+                    Ok(Some(bytes)) => Ok(Some((bytes, reader))),
+                    Ok(None) => Ok(None),
+                    Err(e) => {
+                        tracing::error!(error = %e, digest = reader.digest(), "blob found corrupt while being served; response cut short");
+                        if matches!(e, CacheError::Corrupt(_)) {
+                            state.count(kind, "corrupt");
+                        }
+                        Err(std::io::Error::other(e))
+                    }
+                }
+            }
+        });
+        Body::from_stream(futures::stream::once(async move { Ok(first) }).chain(rest))
+    };
+    Ok(Some(
+        Response::builder()
+            .header(header::CONTENT_TYPE, media_type)
+            .header(header::CONTENT_LENGTH, len)
+            .header("Docker-Content-Digest", digest)
+            .body(body)
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()),
+    ))
 }
 
 /// `GET /wasm/<sha256>.wasm`, for `type: HTTP` code sources pinned by sha256. Envoy fetches
@@ -434,16 +510,14 @@ async fn wasm_file(
         s.count("wasm", if entries.is_empty() { "unknown" } else { "denied" });
         return (StatusCode::NOT_FOUND, "not found").into_response();
     };
-    match read_blob(&s.cache, &digest).await {
-        Ok(Some(bytes)) => {
+    match blob_response(&s, "wasm", &Method::GET, &digest, "application/wasm").await {
+        Ok(Some(response)) => {
             s.cache.touch(&entry.reference);
-            s.count("wasm", "served");
-            blob_response(&Method::GET, bytes, &digest, "application/wasm")
+            response
         }
         Ok(None) => (StatusCode::NOT_FOUND, "not found").into_response(),
         Err(e) => {
-            tracing::error!(error = %e, %digest, "refusing to serve a corrupt module");
-            s.count("wasm", "corrupt");
+            tracing::error!(error = %e, %digest, "cannot serve a module");
             (StatusCode::NOT_FOUND, "not found").into_response()
         }
     }
@@ -509,6 +583,13 @@ pub async fn serve_tls(
 
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
+/// What hyper buffers per connection, each way: the request head it reads (headers larger
+/// than this are refused), and the response body it queues for a client that reads slowly.
+/// hyper's default, 400 KiB, let a client that asks for a large blob and stops reading hold
+/// over half a MiB of the server with TLS's buffer: with `max_connections` of them, gigabytes.
+/// One blob chunk is enough to keep the socket busy.
+const CONNECTION_BUFFER_BYTES: usize = BLOB_CHUNK_BYTES;
+
 async fn serve_connections(
     listener: tokio::net::TcpListener,
     app: Router,
@@ -543,6 +624,7 @@ async fn serve_connections(
             let http = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
+                .max_buf_size(CONNECTION_BUFFER_BYTES)
                 .clone();
             let mut first = [0u8; 1];
             let Some(acceptor) = tls else {
