@@ -510,7 +510,7 @@ impl Signer {
         let staging = cache.stage();
         self.store_signature(&staging, &mut entry)?;
         cache
-            .set_signature(&entry.reference, entry.signature, entry.extra_blobs)?
+            .set_signature(&entry.reference, &entry.manifest, entry.signature, entry.extra_blobs)?
             .ok_or_else(|| SignError::NotCached(reference.into()))
     }
 
