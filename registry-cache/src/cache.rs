@@ -329,7 +329,7 @@ impl Cache {
             } else if e.signature.iter().chain(&e.extra_blobs).any(|d| !intact(d)) {
                 // The artifact is sound; only its signature is not. Unsigned, it is signed again.
                 tracing::warn!(reference = %e.reference, "dropping a signature with a missing or corrupt blob");
-                cache.set_signature(&e.reference, None, vec![])?;
+                cache.set_signature(&e.reference, &e.manifest, None, vec![])?;
             }
         }
         cache.sweep()?;
@@ -695,11 +695,13 @@ impl Cache {
         }
     }
 
-    /// Records (or clears) an entry's signature manifest and the other blobs it keeps alive,
-    /// all already stored. `None` if the entry is gone.
+    /// Records (or clears) the signature of an entry whose manifest is `manifest`, and the other
+    /// blobs it keeps alive, all already stored. `None` if the entry is gone, or holds another
+    /// manifest by now (re-published meanwhile): a signature of other bytes is never recorded.
     pub fn set_signature(
         &self,
         reference: &str,
+        manifest: &str,
         signature: Option<String>,
         extra_blobs: Vec<String>,
     ) -> Result<Option<Entry>, CacheError> {
@@ -707,7 +709,9 @@ impl Cache {
         if let Some(digest) = signature.iter().chain(&extra_blobs).find(|d| !self.has_blob(d)) {
             return Err(CacheError::Missing { reference: reference.into(), digest: digest.clone() });
         }
-        let Some(e) = state.index.entries.get_mut(reference) else { return Ok(None) };
+        let Some(e) = state.index.entries.get_mut(reference).filter(|e| e.manifest == manifest) else {
+            return Ok(None);
+        };
         let old = blobs_of(e).collect::<Vec<_>>();
         e.signature = signature;
         e.extra_blobs = extra_blobs;
@@ -797,7 +801,8 @@ mod tests {
             c.record(entry("r/signed:1", &m, 13, 1, &c)).unwrap();
             let sig = c.put_blob(b"signature manifest").unwrap();
             sig_payload = c.put_blob(b"signature payload").unwrap();
-            c.set_signature("r/signed:1", Some(sig), vec![sig_payload.clone()]).unwrap();
+            let manifest = c.lookup("r/signed:1").unwrap().manifest;
+            c.set_signature("r/signed:1", &manifest, Some(sig), vec![sig_payload.clone()]).unwrap();
         }
         fs::remove_file(dir.path().join("blobs/sha256").join(digest_hex(&sig_payload).unwrap())).unwrap();
         let c = Cache::open(dir.path(), 1 << 30).unwrap();
@@ -1008,14 +1013,32 @@ mod tests {
         let c = Cache::open(dir.path(), 1 << 30).unwrap();
         let m = c.put_blob(b"module").unwrap();
         c.record(entry("r/a:1", &m, 6, 1, &c)).unwrap();
+        let manifest = c.lookup("r/a:1").unwrap().manifest;
         let gone = format!("sha256:{}", sha256_hex(b"never stored"));
-        assert!(matches!(c.set_signature("r/a:1", Some(gone), vec![]), Err(CacheError::Missing { .. })));
+        assert!(matches!(c.set_signature("r/a:1", &manifest, Some(gone), vec![]), Err(CacheError::Missing { .. })));
         assert_eq!(c.lookup("r/a:1").unwrap().signature, None);
         let old = c.put_blob(b"old signature").unwrap();
-        c.set_signature("r/a:1", Some(old.clone()), vec![]).unwrap();
+        c.set_signature("r/a:1", &manifest, Some(old.clone()), vec![]).unwrap();
         let new = c.put_blob(b"new signature").unwrap();
-        c.set_signature("r/a:1", Some(new.clone()), vec![]).unwrap();
+        c.set_signature("r/a:1", &manifest, Some(new.clone()), vec![]).unwrap();
         assert!(!c.has_blob(&old) && c.has_blob(&new));
+    }
+
+    /// A signer that read the entry before it was re-published with other bytes must not
+    /// record its signature of the old manifest with the new one.
+    #[test]
+    fn set_signature_leaves_an_entry_re_published_with_another_manifest_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Cache::open(dir.path(), 1 << 30).unwrap();
+        let m = c.put_blob(b"module").unwrap();
+        c.record(entry("r/a:1", &m, 6, 1, &c)).unwrap();
+        let read_by_signer = c.lookup("r/a:1").unwrap().manifest;
+        let mut republished = entry("r/a:1", &m, 6, 2, &c);
+        republished.manifest = c.put_blob(b"the manifest of new bytes").unwrap();
+        c.record(republished.clone()).unwrap();
+        let stale = c.put_blob(b"signature of the old manifest").unwrap();
+        assert_eq!(c.set_signature("r/a:1", &read_by_signer, Some(stale), vec![]).unwrap(), None);
+        assert_eq!(c.lookup("r/a:1").unwrap(), republished);
     }
 
     fn in_use(references: &[&str]) -> InUse {

@@ -50,6 +50,8 @@ struct Upstream {
 struct Signing {
     /// Sign each artifact as it is cached, cosign-style, with this private key (PEM: PKCS#8,
     /// SEC1 or cosign's encrypted key with COSIGN_PASSWORD; or a Secret with cosign.key).
+    /// `serve` also signs again, at start, every cached artifact this key has not signed under
+    /// its served name (after a key rotation, say).
     #[arg(long, value_name = "KEY")]
     signing_key: Option<PathBuf>,
     /// The cache's address as clients use it: signatures name `<prefix>/<repository>`.

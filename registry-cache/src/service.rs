@@ -54,12 +54,14 @@ impl Service {
         });
         let mut tasks = vec![];
         if let Some(signer) = options.signer.clone() {
-            // What an earlier run cached without a key; new artifacts are signed as they come.
+            // What an earlier run cached without a key, or signed with a key since rotated out
+            // or under another identity, is signed again with this one; new artifacts are
+            // signed as they are cached.
             let (c, s) = (Arc::clone(&cache), signer);
             tasks.push(tokio::spawn(async move {
-                let signed = tokio::task::spawn_blocking(move || s.sign_unsigned(&c)).await.unwrap_or_default();
-                for reference in signed {
-                    tracing::info!(%reference, "signed");
+                let signed = tokio::task::spawn_blocking(move || s.sign_stale(&c)).await.unwrap_or_default();
+                for reference in &signed {
+                    tracing::info!(%reference, "signed with the current key");
                 }
             }));
         }

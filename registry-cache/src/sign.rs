@@ -510,8 +510,15 @@ impl Signer {
         let staging = cache.stage();
         self.store_signature(&staging, &mut entry)?;
         cache
-            .set_signature(&entry.reference, entry.signature, entry.extra_blobs)?
+            .set_signature(&entry.reference, &entry.manifest, entry.signature, entry.extra_blobs)?
             .ok_or_else(|| SignError::NotCached(reference.into()))
+    }
+
+    /// Whether `entry` carries this signer's signature of its manifest, under the name it is
+    /// served as.
+    pub fn has_signed(&self, cache: &Cache, entry: &Entry) -> bool {
+        signed_claims(cache, entry, &[self.public_key()])
+            .is_ok_and(|claims| claims.critical.identity.docker_reference == self.docker_reference(&entry.reference))
     }
 
     /// Signs `entry`'s manifest and stores the signature image's blobs, setting `entry`'s
@@ -529,12 +536,16 @@ impl Signer {
 }
 
 impl Signer {
-    /// Signs every entry that has no signature yet; returns the references signed.
-    pub fn sign_unsigned(&self, cache: &Cache) -> Vec<String> {
+    /// Signs every entry that does not carry this signer's signature of its manifest under its
+    /// served name: entries cached without a key, signed with a key since rotated out, or
+    /// under another identity prefix. Returns the references signed.
+    pub fn sign_stale(&self, cache: &Cache) -> Vec<String> {
         let mut signed = vec![];
-        for entry in cache.entries().into_iter().filter(|e| e.signature.is_none()) {
+        for entry in cache.entries().into_iter().filter(|e| !self.has_signed(cache, e)) {
             match self.sign_entry(cache, &entry.reference) {
                 Ok(e) => signed.push(e.reference),
+                // Evicted or re-published (and signed by the publish) meanwhile.
+                Err(SignError::NotCached(_)) => {}
                 Err(e) => tracing::warn!(reference = %entry.reference, error = %e, "signing failed"),
             }
         }
@@ -542,17 +553,23 @@ impl Signer {
     }
 }
 
-/// Verifies the cached signature of `reference` against `keys`.
-pub fn verify_entry(cache: &Cache, reference: &str, keys: &[PublicKey]) -> Result<Entry, SignError> {
-    let entry = cache.lookup(reference).ok_or_else(|| SignError::NotCached(reference.into()))?;
-    let signature = entry.signature.clone().ok_or_else(|| SignError::NotSigned(reference.into()))?;
-    let manifest = cache.get_blob(&signature)?.ok_or_else(|| SignError::NotSigned(reference.into()))?;
+/// The claims of `entry`'s cached signature, if it is a signature of its manifest by one of `keys`.
+fn signed_claims(cache: &Cache, entry: &Entry, keys: &[PublicKey]) -> Result<SimpleSigning, SignError> {
+    let not_signed = || SignError::NotSigned(entry.reference.clone());
+    let signature = entry.signature.as_deref().ok_or_else(not_signed)?;
+    let manifest = cache.get_blob(signature)?.ok_or_else(not_signed)?;
     let mut layers = vec![];
     for layer in signature_layers(&manifest)? {
         let payload = cache.get_blob(&layer.digest)?.unwrap_or_default();
         layers.push((layer, payload));
     }
-    verify_layers(&layers, &entry.manifest, keys)?;
+    Ok(verify_layers(&layers, &entry.manifest, keys)?)
+}
+
+/// Verifies the cached signature of `reference` against `keys`.
+pub fn verify_entry(cache: &Cache, reference: &str, keys: &[PublicKey]) -> Result<Entry, SignError> {
+    let entry = cache.lookup(reference).ok_or_else(|| SignError::NotCached(reference.into()))?;
+    signed_claims(cache, &entry, keys)?;
     Ok(entry)
 }
 
@@ -617,6 +634,39 @@ mod tests {
         assert!(matches!(verify_layers(&layers, DIGEST, &[k.public_key()]), Err(VerifyError::PayloadDigest(_))));
         // Not a signature manifest.
         assert!(matches!(signature_layers(b"{}"), Err(VerifyError::Malformed(_))));
+    }
+
+    /// What a restart after a key rotation (or a new `--identity-prefix`) must do: every entry
+    /// not signed by the current key under its served name is signed again; current ones stay.
+    #[test]
+    fn sign_stale_re_signs_what_another_key_or_identity_signed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 1 << 30).unwrap();
+        let publish = |reference: &str, signer: Option<&Signer>| {
+            let pulled = crate::pull::Pulled {
+                reference: reference.into(),
+                upstream_digest: format!("sha256:{}", "2".repeat(64)),
+                format: artifact::Format::SoloOci,
+                module: format!("\0asm\x01\0\0\0{reference}").into_bytes(),
+                verified_by: vec![],
+            };
+            crate::publish::publish_signed(&cache, &pulled, false, signer).unwrap()
+        };
+        let (old, current) = (Signer::new(key(1), "cache:5000"), Signer::new(key(2), "cache:5000"));
+        publish("reg.example/unsigned:1", None);
+        publish("reg.example/old-key:1", Some(&old));
+        publish("reg.example/old-address:1", Some(&Signer::new(key(2), "old-address:5000")));
+        let kept = publish("reg.example/current:1", Some(&current));
+
+        let mut signed = current.sign_stale(&cache);
+        signed.sort();
+        assert_eq!(signed, ["reg.example/old-address:1", "reg.example/old-key:1", "reg.example/unsigned:1"]);
+        for entry in cache.entries() {
+            assert!(current.has_signed(&cache, &entry), "{}", entry.reference);
+            assert!(verify_entry(&cache, &entry.reference, &[old.public_key()]).is_err(), "{}", entry.reference);
+        }
+        assert_eq!(cache.lookup("reg.example/current:1").unwrap().signature, kept.signature);
+        assert!(current.sign_stale(&cache).is_empty(), "signed again what was already current");
     }
 
     #[test]
