@@ -10,7 +10,17 @@ use reqwest::{Method, StatusCode};
 use std::collections::HashMap;
 use std::time::Duration;
 
-/// An error with its causes: oci-client's errors say "error decoding response body" and keep
+/// A reqwest error without the query of its URL: a redirect to a CDN carries a pre-signed
+/// query that grants the blob, and errors end up in `/status` and the logs.
+fn redacted(mut e: reqwest::Error) -> reqwest::Error {
+    if let Some(url) = e.url_mut() {
+        url.set_query(None);
+        url.set_fragment(None);
+    }
+    e
+}
+
+/// An error with its causes: reqwest's errors say "error decoding response body" and keep
 /// the reason (a timeout, a reset connection) in their sources.
 fn describe(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
@@ -357,7 +367,10 @@ async fn ok(mut response: reqwest::Response) -> Result<reqwest::Response, PullEr
     if status.is_success() {
         return Ok(response);
     }
-    let url = response.url().clone();
+    // Without its query: a redirect target's query may be a pre-signed grant for the blob.
+    let mut url = response.url().clone();
+    url.set_query(None);
+    url.set_fragment(None);
     let mut body = Vec::new();
     while body.len() < MAX_ERROR_BODY_BYTES {
         match response.chunk().await {
@@ -401,8 +414,10 @@ async fn read_capped(mut response: reqwest::Response, limit: u64, what: &'static
     // Room for what it announces (within the cap), so that a large layer is not copied as
     // the buffer grows.
     let mut body = Vec::with_capacity(response.content_length().unwrap_or(0).min(limit) as usize);
-    while let Some(chunk) =
-        response.chunk().await.map_err(|e| PullError::Registry(format!("reading the {what}: {}", describe(&e))))?
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| PullError::Registry(format!("reading the {what}: {}", describe(&redacted(e)))))?
     {
         if (body.len() + chunk.len()) as u64 > limit {
             return Err(too_large());
@@ -434,7 +449,7 @@ fn check_client(options: &PullOptions) -> Result<reqwest::Client, String> {
 }
 
 async fn send(request: reqwest::RequestBuilder) -> Result<reqwest::Response, String> {
-    request.send().await.map_err(|e| describe(&e))
+    request.send().await.map_err(|e| describe(&redacted(e)))
 }
 
 /// How the registry asks to be authenticated, from its answer to `GET /v2/`.
@@ -495,7 +510,9 @@ async fn bearer_token(
         return Err(too_large());
     }
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| format!("token service {realm}: {}", describe(&e)))? {
+    while let Some(chunk) =
+        response.chunk().await.map_err(|e| format!("token service {realm}: {}", describe(&redacted(e))))?
+    {
         if body.len() + chunk.len() > MAX_TOKEN_RESPONSE_BYTES {
             return Err(too_large());
         }

@@ -391,7 +391,7 @@ const STALLED_CLIENTS: usize = 4096;
 /// Resident memory of `registry-cache serve` (a) while a hostile registry serves a 1 GiB
 /// manifest to its pre-puller, (b) while 64 clients download a 64 MiB module at once, (c) while
 /// 4,096 clients ask for it and stop reading, all over TLS as deployed. Compared with the
-/// Deployment's memory limit. Run as in README.md:
+/// StatefulSet's memory limit. Run as in README.md:
 ///
 /// ```sh
 /// cargo build --release -p registry-cache
@@ -403,7 +403,7 @@ const STALLED_CLIENTS: usize = 4096;
 async fn rss_figures() {
     let limit = deployment_memory_limit();
     let (_, binary) = measured_bin();
-    println!("measuring {binary}; the Deployment's memory limit is {}", mib(limit));
+    println!("measuring {binary}; the StatefulSet's memory limit is {}", mib(limit));
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = common::TestCa::new(dir.path(), "rss");
     let client = reqwest::Client::builder()
@@ -540,5 +540,5 @@ async fn rss_figures() {
         mib(hwm_c),
         mib(sampled_c)
     );
-    assert!(hwm_a.max(hwm_b).max(hwm_c) < limit, "over the Deployment's memory limit of {}", mib(limit));
+    assert!(hwm_a.max(hwm_b).max(hwm_c) < limit, "over the StatefulSet's memory limit of {}", mib(limit));
 }

@@ -81,14 +81,35 @@ async fn skopeo_and_oci_client_pull_over_tls_trusting_only_the_ca() {
     let layer = dir.path().join("copy").join(artifact::digest_hex(&entry.module).expect("hex"));
     assert_eq!(std::fs::read(layer).expect("layer in skopeo's copy"), module);
 
-    // oci-client (through the cache's own puller: digests verified) with only the CA added.
+    // oci-client itself, with only the CA added to its roots.
     let image = format!("{addr}/{name}:v1");
     let anonymous = oci_client::secrets::RegistryAuth::Anonymous;
+    let reference: oci_client::Reference = image.parse().expect("reference");
+    let oci = |extra_root_certificates| {
+        oci_client::Client::new(oci_client::client::ClientConfig {
+            protocol: oci_client::client::ClientProtocol::Https,
+            extra_root_certificates,
+            ..Default::default()
+        })
+    };
+    let with_ca = vec![oci_client::client::Certificate {
+        encoding: oci_client::client::CertificateEncoding::Pem,
+        data: ca.cert.clone(),
+    }];
+    let layer_types = vec![artifact::SOLO_WASM_LAYER];
+    let image_data = oci(with_ca).pull(&reference, &anonymous, layer_types.clone()).await.expect("oci-client over TLS");
+    assert_eq!(image_data.layers.first().map(|l| l.data.as_slice()), Some(&module[..]));
+    assert!(
+        oci(vec![]).pull(&reference, &anonymous, layer_types).await.is_err(),
+        "oci-client accepted the cache's certificate without its CA"
+    );
+
+    // The cache's own puller (digests and module verified), with only the CA added.
     let trusting = Puller::new(PullOptions { extra_ca_pem: vec![ca.cert.clone()], ..PullOptions::default() });
-    let pulled = trusting.pull(&image, &anonymous).await.expect("oci-client pull over TLS");
+    let pulled = trusting.pull(&image, &anonymous).await.expect("pull over TLS");
     assert_eq!(pulled.module, module);
     let untrusting = Puller::new(PullOptions::default());
-    assert!(untrusting.pull(&image, &anonymous).await.is_err(), "oci-client accepted the cache without its CA");
+    assert!(untrusting.pull(&image, &anonymous).await.is_err(), "the puller accepted the cache without its CA");
 
     // The /wasm URL Envoy Gateway fetches, over HTTPS.
     let url =
