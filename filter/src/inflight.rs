@@ -247,9 +247,24 @@ impl InFlight {
         out
     }
 
-    /// Forgets clusters not used for `ttl_ms`.
+    /// Forgets clusters not used for `ttl_ms`, and requests in flight for longer than that: a
+    /// request whose end was never reported must not hold a place (or an endpoint's load)
+    /// forever.
     pub fn expire(&mut self, now_ms: u64, ttl_ms: u64) {
         self.clusters.expire(now_ms, ttl_ms);
+        let load = &mut self.load;
+        self.pending.retain(|_, p| {
+            let keep = now_ms.saturating_sub(p.started_ms) < ttl_ms;
+            if let (false, Some(e)) = (keep, &p.endpoint) {
+                if let Some(n) = load.get_mut(e) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        load.remove(e);
+                    }
+                }
+            }
+            keep
+        });
     }
 
     pub fn tracked(&self) -> usize {
@@ -380,6 +395,17 @@ mod tests {
             answer(&mut w, C, i, 5_000);
         }
         assert_eq!(w.threshold_ms(C), 250);
+    }
+
+    #[test]
+    fn requests_never_reported_ended_are_forgotten_after_the_ttl() {
+        let mut w = InFlight::new(100);
+        let _ = w.begin(C, Some("10.0.0.1:80"), 0);
+        let _ = w.begin(C, Some("10.0.0.1:80"), 500_000);
+        w.expire(599_999, 600_000);
+        assert_eq!((w.tracked(), w.load("10.0.0.1:80")), (2, 2));
+        w.expire(600_000, 600_000);
+        assert_eq!((w.tracked(), w.load("10.0.0.1:80")), (1, 1));
     }
 
     #[test]
