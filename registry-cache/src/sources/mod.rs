@@ -515,15 +515,22 @@ impl Prefetcher {
     /// Pulls again the targets whose image is one of `references` (normalised as the cache
     /// records them), e.g. after the cache dropped them for a corrupt blob.
     pub fn repull(&self, references: &[String]) {
+        self.pull_again(|target, _| {
+            let whole = parse_reference(&target.image).map(|r| r.whole());
+            let wanted = whole.is_ok_and(|w| references.contains(&w));
+            if wanted {
+                tracing::info!(image = %target.image, "pulling again");
+            }
+            wanted
+        });
+    }
+
+    /// Wants another pull of every target `pick` chooses, starting those not being pulled.
+    fn pull_again(&self, pick: impl Fn(&Target, &TargetState) -> bool) {
         let mut to_start = vec![];
         {
             let mut s = self.lock();
-            for (target, t) in s.targets.iter_mut() {
-                let whole = parse_reference(&target.image).map(|r| r.whole());
-                if !whole.is_ok_and(|w| references.contains(&w)) {
-                    continue;
-                }
-                tracing::info!(image = %target.image, "pulling again");
+            for (target, t) in s.targets.iter_mut().filter(|(target, t)| pick(target, t)) {
                 t.wanted += 1;
                 t.wanted_at = Instant::now();
                 if !t.running {
@@ -629,21 +636,7 @@ impl Prefetcher {
 
     /// Re-pulls every `Always` target not already being pulled.
     pub fn refresh_always(&self) {
-        let mut to_start = vec![];
-        {
-            let mut s = self.lock();
-            for (target, t) in s.targets.iter_mut().filter(|(_, t)| t.policy == PullPolicy::Always) {
-                t.wanted += 1;
-                t.wanted_at = Instant::now();
-                if !t.running {
-                    t.running = true;
-                    to_start.push(target.clone());
-                }
-            }
-        }
-        for target in to_start {
-            self.spawn(target);
-        }
+        self.pull_again(|_, t| t.policy == PullPolicy::Always);
     }
 
     /// Applies a change to the policy set and reconciles the targets.
