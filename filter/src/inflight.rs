@@ -27,6 +27,12 @@ const MIN_SAMPLES: u32 = 20;
 const BUCKETS: usize = 22;
 /// One sweep per cluster within this long, however many requests stall meanwhile.
 pub const SWEEP_INTERVAL_MS: u64 = 1_000;
+/// While sweeps keep finding endpoints that went silent (pods vanishing one batch after
+/// another), the next sweep may come this soon, or two stall thresholds if longer: a batch that
+/// vanishes just after a sweep must not wait a second to be found.
+pub const SWEEP_INTERVAL_ACTIVE_MS: u64 = 200;
+/// How long the shorter interval holds after a sweep last found silence.
+pub const SWEEP_ACTIVE_FOR_MS: u64 = 10_000;
 /// Requests tracked at once per VM; beyond, new requests go untracked rather than grow memory.
 const MAX_TRACKED: usize = 65_536;
 const MAX_CLUSTERS: usize = 1_024;
@@ -95,6 +101,8 @@ impl Latency {
 struct ClusterState {
     latency: Latency,
     last_sweep_ms: Option<u64>,
+    /// Until when sweeps may follow each other at `SWEEP_INTERVAL_ACTIVE_MS`.
+    silence_found_until_ms: u64,
 }
 
 /// A cluster with requests that stalled since the last look.
@@ -220,7 +228,12 @@ impl InFlight {
                 None => {
                     let state = self.clusters.get_or_insert_with(&p.cluster, now_ms, ClusterState::default);
                     let sweep = state.is_some_and(|state| {
-                        let due = state.last_sweep_ms.is_none_or(|at| now_ms.saturating_sub(at) >= SWEEP_INTERVAL_MS);
+                        let interval = if state.silence_found_until_ms > now_ms {
+                            SWEEP_INTERVAL_ACTIVE_MS.max(threshold.saturating_mul(2))
+                        } else {
+                            SWEEP_INTERVAL_MS
+                        };
+                        let due = state.last_sweep_ms.is_none_or(|at| now_ms.saturating_sub(at) >= interval);
                         if due {
                             state.last_sweep_ms = Some(now_ms);
                         }
@@ -245,6 +258,14 @@ impl InFlight {
         }
         out.retain(|s| s.sweep_timeout_ms.is_some() || !s.endpoints.is_empty());
         out
+    }
+
+    /// A sweep of `cluster` found an endpoint silent: more may follow, so sweeps may come at
+    /// `SWEEP_INTERVAL_ACTIVE_MS` for `SWEEP_ACTIVE_FOR_MS`.
+    pub fn silence_found(&mut self, cluster: &str, now_ms: u64) {
+        if let Some(state) = self.clusters.get_or_insert_with(cluster, now_ms, ClusterState::default) {
+            state.silence_found_until_ms = now_ms.saturating_add(SWEEP_ACTIVE_FOR_MS);
+        }
     }
 
     /// Forgets clusters not used for `ttl_ms`, and requests in flight for longer than that: a
@@ -301,6 +322,23 @@ mod tests {
         w.end(id, 2_300, true);
         assert!(w.stalled(9_000).is_empty(), "nothing in flight");
         assert_eq!(w.tracked(), 0);
+    }
+
+    #[test]
+    fn while_sweeps_find_silent_endpoints_the_next_may_come_sooner() {
+        let mut w = InFlight::new(100);
+        let _ = w.begin(C, None, 1_000);
+        assert!(w.stalled(1_101).first().is_some_and(|s| s.sweep_timeout_ms.is_some()));
+        let _ = w.begin(C, None, 1_150);
+        assert!(w.stalled(1_301).iter().all(|s| s.sweep_timeout_ms.is_none()), "nothing found silent yet");
+        w.silence_found(C, 1_201);
+        assert!(w.stalled(1_300).iter().all(|s| s.sweep_timeout_ms.is_none()), "not two thresholds yet");
+        assert!(w.stalled(1_301).first().is_some_and(|s| s.sweep_timeout_ms.is_some()), "{SWEEP_INTERVAL_ACTIVE_MS} ms on");
+        // Ten seconds without silence found: back to one sweep a second.
+        let _ = w.begin(C, None, 11_300);
+        assert!(w.stalled(11_401).first().is_some_and(|s| s.sweep_timeout_ms.is_some()));
+        assert!(w.stalled(11_700).iter().all(|s| s.sweep_timeout_ms.is_none()));
+        assert!(w.stalled(12_401).first().is_some_and(|s| s.sweep_timeout_ms.is_some()));
     }
 
     #[test]

@@ -440,7 +440,12 @@ impl<H: Host> Plugin<H> {
             // No answer within a stall's short wait (Envoy answers a call that timed out with
             // its own 504): doubted, not failed. The endpoint may just be slow; a probe with
             // the full timeout tells.
-            _ if kind == ProbeKind::Stall => Observation::Suspect(&address),
+            _ if kind == ProbeKind::Stall => {
+                if let Some(watch) = &self.inflight {
+                    watch.borrow_mut().silence_found(&cluster, self.recent_clock());
+                }
+                Observation::Suspect(&address)
+            }
             Some(_) => Observation::Failure(&address, FailureKind::GatewayError),
             // No response at all: the connection failed or the probe timed out.
             None => Observation::Failure(&address, FailureKind::ConnectFailure),
