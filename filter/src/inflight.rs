@@ -33,6 +33,8 @@ pub const SWEEP_INTERVAL_MS: u64 = 1_000;
 pub const SWEEP_INTERVAL_ACTIVE_MS: u64 = 200;
 /// How long the shorter interval holds after a sweep last found silence.
 pub const SWEEP_ACTIVE_FOR_MS: u64 = 10_000;
+/// Per-try timeout while a cluster's endpoints are being found silent, in stall thresholds.
+pub const ACTIVE_PER_TRY_FACTOR: u64 = 4;
 /// Requests tracked at once per VM; beyond, new requests go untracked rather than grow memory.
 const MAX_TRACKED: usize = 65_536;
 const MAX_CLUSTERS: usize = 1_024;
@@ -260,6 +262,16 @@ impl InFlight {
         out
     }
 
+    /// How long an attempt at `cluster` may wait for its answer while endpoints there are being
+    /// found silent: `None` otherwise. Long enough for anything but the cluster's far tail
+    /// (`ACTIVE_PER_TRY_FACTOR` stall thresholds); a request stuck on a pod that vanished then
+    /// moves on to its next endpoint instead of waiting out the configured per-try timeout.
+    pub fn active_per_try_timeout_ms(&self, cluster: &str, now_ms: u64) -> Option<u64> {
+        let state = self.clusters.get(cluster)?;
+        (self.after_ms > 0 && state.silence_found_until_ms > now_ms)
+            .then(|| self.threshold_ms(cluster).saturating_mul(ACTIVE_PER_TRY_FACTOR))
+    }
+
     /// A sweep of `cluster` found an endpoint silent: more may follow, so sweeps may come at
     /// `SWEEP_INTERVAL_ACTIVE_MS` for `SWEEP_ACTIVE_FOR_MS`.
     pub fn silence_found(&mut self, cluster: &str, now_ms: u64) {
@@ -333,7 +345,10 @@ mod tests {
         assert!(w.stalled(1_301).iter().all(|s| s.sweep_timeout_ms.is_none()), "nothing found silent yet");
         w.silence_found(C, 1_201);
         assert!(w.stalled(1_300).iter().all(|s| s.sweep_timeout_ms.is_none()), "not two thresholds yet");
-        assert!(w.stalled(1_301).first().is_some_and(|s| s.sweep_timeout_ms.is_some()), "{SWEEP_INTERVAL_ACTIVE_MS} ms on");
+        assert!(
+            w.stalled(1_301).first().is_some_and(|s| s.sweep_timeout_ms.is_some()),
+            "{SWEEP_INTERVAL_ACTIVE_MS} ms on"
+        );
         // Ten seconds without silence found: back to one sweep a second.
         let _ = w.begin(C, None, 11_300);
         assert!(w.stalled(11_401).first().is_some_and(|s| s.sweep_timeout_ms.is_some()));

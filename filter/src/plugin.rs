@@ -571,9 +571,17 @@ impl<H: Host> Plugin<H> {
         let available = self.budget_deposit(&cluster, now);
         let inflight = self.inflight.as_ref().map(RefCell::borrow);
         let load = |endpoint: &str| inflight.as_ref().map_or(0, |f| f.load(endpoint));
-        let decision = self.with_table(&cluster, now, |t| {
+        let mut decision = self.with_table(&cluster, now, |t| {
             decide(&self.config, &facts, t, now, available, &mut self.rng.borrow_mut(), &load)
         });
+        // Pods are vanishing here: an attempt that may be replayed (`reset` is retried) gives
+        // up on a silent endpoint after a few stall thresholds rather than the configured wait.
+        let active = inflight.as_ref().and_then(|f| f.active_per_try_timeout_ms(&cluster, now));
+        if let (Some(plan), Some(active)) = (decision.retry.as_mut(), active) {
+            if plan.retry_on.split(',').any(|c| c == "reset") && !decision.fallback {
+                plan.per_try_timeout_ms = Some(plan.per_try_timeout_ms.map_or(active, |t| t.min(active)));
+            }
+        }
         drop(inflight);
 
         let request = Map::RequestHeaders;
@@ -990,6 +998,37 @@ mod tests {
         p.on_tick();
         assert_eq!(p.host().metric("stall_sweeps"), 1);
         drop(hung);
+    }
+
+    fn per_try_timeout(p: &Plugin<FakeHost>) -> Option<String> {
+        let sent = p.host().map(Map::RequestHeaders);
+        sent.iter().find(|(k, _)| k == "x-envoy-upstream-rq-per-try-timeout-ms").map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn while_endpoints_are_found_silent_replayable_attempts_give_up_sooner() {
+        let p =
+            plugin(r#"{"endpointOverride":{"exploreRatio":0,"stallAfterMs":250},"retry":{"perTryTimeoutMs":5000}}"#);
+        for a in [A, B, C] {
+            served(&p, a);
+        }
+        let _ = get(&p);
+        assert_eq!(per_try_timeout(&p).as_deref(), Some("5000"), "as configured while nothing is wrong");
+        p.host().advance(251);
+        p.on_tick();
+        let probed: Vec<String> = p.host().dispatched.borrow().iter().filter_map(|(_, h)| override_target(h)).collect();
+        for (token, target) in (1u32..).zip(&probed) {
+            let answer: &[(&str, &str)] = if target == C { &[] } else { &[(":status", "200")] };
+            p.host().set_map(Map::ProbeResponseHeaders, answer);
+            p.on_probe_response(token);
+        }
+        let _ = get(&p);
+        assert_eq!(per_try_timeout(&p).as_deref(), Some("1000"), "four stall thresholds");
+        let _ = start(&p, &[(":method", "POST"), (":path", "/")]);
+        assert_eq!(per_try_timeout(&p).as_deref(), Some("5000"), "a POST is not replayed after a timeout");
+        p.host().advance(crate::inflight::SWEEP_ACTIVE_FOR_MS);
+        let _ = get(&p);
+        assert_eq!(per_try_timeout(&p).as_deref(), Some("5000"), "no silence found for ten seconds");
     }
 
     #[test]
