@@ -163,6 +163,12 @@ pub struct EndpointOverrideConfig {
     /// do not answer are doubted, steered last and probed again, long before a connect or
     /// per-try timeout would show a pod that vanished without a reset. 0 turns this off.
     pub stall_after_ms: u64,
+    /// While sweeps are finding the cluster's endpoints silent, requests whose retries replay a
+    /// reset get a per-try timeout of this many stall thresholds (never longer than
+    /// `retry.perTryTimeoutMs`), so an attempt stuck at a vanished pod moves on. A request
+    /// slower than that is cut and retried meanwhile: raise it for services with a heavy tail.
+    /// 0 turns it off.
+    pub stalled_attempt_factor: u64,
 }
 
 impl Default for EndpointOverrideConfig {
@@ -174,6 +180,7 @@ impl Default for EndpointOverrideConfig {
             probe_path: "/".into(),
             probe_timeout_ms: 2_000,
             stall_after_ms: 100,
+            stalled_attempt_factor: 4,
         }
     }
 }
@@ -291,6 +298,11 @@ impl Config {
                 "endpointOverride.stallAfterMs",
                 "must be 0 (off) or between 10 and 600000",
             )?;
+            check(
+                o.stalled_attempt_factor == 0 || (2..=1_000).contains(&o.stalled_attempt_factor),
+                "endpointOverride.stalledAttemptFactor",
+                "must be 0 (off) or between 2 and 1000",
+            )?;
         }
         if let Some(f) = &self.fallback {
             check(is_header_name(&f.header), "fallback.header", "must be a lower-case HTTP header name")?;
@@ -403,6 +415,10 @@ mod tests {
     fn out_of_range_names_the_field() {
         assert_eq!(err(r#"{"retry":{"maxRetries":100}}"#).field, "retry.maxRetries");
         assert_eq!(err(r#"{"fallback":{"ejectedShare":0}}"#).field, "fallback.ejectedShare");
+        assert_eq!(
+            err(r#"{"endpointOverride":{"stalledAttemptFactor":1}}"#).field,
+            "endpointOverride.stalledAttemptFactor"
+        );
         assert_eq!(err(r#"{"ejection":{"baseEjectionMs":5000,"maxEjectionMs":10}}"#).field, "ejection.maxEjectionMs");
         assert_eq!(err(r#"{"endpointOverride":{"header":"X-Upper"}}"#).field, "endpointOverride.header");
         assert_eq!(err(r#"{"retry":{"retriableStatusCodes":[404]}}"#).field, "retry.retriableStatusCodes");

@@ -33,8 +33,6 @@ pub const SWEEP_INTERVAL_MS: u64 = 1_000;
 pub const SWEEP_INTERVAL_ACTIVE_MS: u64 = 200;
 /// How long the shorter interval holds after a sweep last found silence.
 pub const SWEEP_ACTIVE_FOR_MS: u64 = 10_000;
-/// Per-try timeout while a cluster's endpoints are being found silent, in stall thresholds.
-pub const ACTIVE_PER_TRY_FACTOR: u64 = 4;
 /// Requests tracked at once per VM; beyond, new requests go untracked rather than grow memory.
 const MAX_TRACKED: usize = 65_536;
 const MAX_CLUSTERS: usize = 1_024;
@@ -263,13 +261,13 @@ impl InFlight {
     }
 
     /// How long an attempt at `cluster` may wait for its answer while endpoints there are being
-    /// found silent: `None` otherwise. Long enough for anything but the cluster's far tail
-    /// (`ACTIVE_PER_TRY_FACTOR` stall thresholds); a request stuck on a pod that vanished then
+    /// found silent: `factor` stall thresholds, long enough for anything but the cluster's far
+    /// tail; `None` otherwise, or if `factor` is 0. A request stuck on a pod that vanished then
     /// moves on to its next endpoint instead of waiting out the configured per-try timeout.
-    pub fn active_per_try_timeout_ms(&self, cluster: &str, now_ms: u64) -> Option<u64> {
+    pub fn active_per_try_timeout_ms(&self, cluster: &str, now_ms: u64, factor: u64) -> Option<u64> {
         let state = self.clusters.get(cluster)?;
-        (self.after_ms > 0 && state.silence_found_until_ms > now_ms)
-            .then(|| self.threshold_ms(cluster).saturating_mul(ACTIVE_PER_TRY_FACTOR))
+        (self.after_ms > 0 && factor > 0 && state.silence_found_until_ms > now_ms)
+            .then(|| self.threshold_ms(cluster).saturating_mul(factor))
     }
 
     /// A sweep of `cluster` found an endpoint silent: more may follow, so sweeps may come at

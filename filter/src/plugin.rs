@@ -576,7 +576,8 @@ impl<H: Host> Plugin<H> {
         });
         // Pods are vanishing here: an attempt that may be replayed (`reset` is retried) gives
         // up on a silent endpoint after a few stall thresholds rather than the configured wait.
-        let active = inflight.as_ref().and_then(|f| f.active_per_try_timeout_ms(&cluster, now));
+        let factor = self.config.endpoint_override.as_ref().map_or(0, |o| o.stalled_attempt_factor);
+        let active = inflight.as_ref().and_then(|f| f.active_per_try_timeout_ms(&cluster, now, factor));
         if let (Some(plan), Some(active)) = (decision.retry.as_mut(), active) {
             if plan.retry_on.split(',').any(|c| c == "reset") && !decision.fallback {
                 plan.per_try_timeout_ms = Some(plan.per_try_timeout_ms.map_or(active, |t| t.min(active)));
@@ -1029,6 +1030,26 @@ mod tests {
         p.host().advance(crate::inflight::SWEEP_ACTIVE_FOR_MS);
         let _ = get(&p);
         assert_eq!(per_try_timeout(&p).as_deref(), Some("5000"), "no silence found for ten seconds");
+    }
+
+    #[test]
+    fn stalled_attempt_factor_zero_keeps_the_configured_per_try_timeout() {
+        let p = plugin(
+            r#"{"endpointOverride":{"exploreRatio":0,"stallAfterMs":250,"stalledAttemptFactor":0},"retry":{"perTryTimeoutMs":5000}}"#,
+        );
+        for a in [A, B, C] {
+            served(&p, a);
+        }
+        let _ = get(&p);
+        p.host().advance(251);
+        p.on_tick();
+        let probed = p.host().dispatched.borrow().len();
+        p.host().set_map(Map::ProbeResponseHeaders, &[]);
+        for token in 1..=u32::try_from(probed).unwrap_or_default() {
+            p.on_probe_response(token);
+        }
+        let _ = get(&p);
+        assert_eq!(per_try_timeout(&p).as_deref(), Some("5000"));
     }
 
     #[test]
