@@ -211,15 +211,6 @@ impl ClusterTable {
         self.live(now_ms, ttl_ms).any(|e| e.is_ejected(now_ms) || !e.proven)
     }
 
-    /// Nothing is wrong: no endpoint ejected, doubted or unproven, no request found the cluster
-    /// empty, no retry left unexplained.
-    pub fn is_calm(&self, now_ms: u64, ttl_ms: u64) -> bool {
-        self.consecutive_no_upstream == 0
-            && self.no_upstream_until_ms <= now_ms
-            && self.suspect_until_ms <= now_ms
-            && !self.has_trouble(now_ms, ttl_ms)
-    }
-
     /// Endpoints back from an ejection or doubt that nothing has answered for since: candidates
     /// for probes.
     pub fn unproven_addresses(&self, now_ms: u64, ttl_ms: u64) -> Vec<&str> {

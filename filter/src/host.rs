@@ -78,8 +78,6 @@ pub mod fake {
         pub dispatch_timeouts: RefCell<Vec<u64>>,
         /// Host calls made, by name: what a request costs Envoy beyond the filter's own work.
         pub calls: RefCell<HashMap<&'static str, u32>>,
-        /// Attributes read, by dotted path, in order.
-        pub property_reads: RefCell<Vec<String>>,
     }
 
     fn key(map: Map) -> String {
@@ -168,10 +166,7 @@ pub mod fake {
 
         fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
             self.count("get_property");
-            let path = path.join(".");
-            let value = self.properties.borrow().get(&path).cloned();
-            self.property_reads.borrow_mut().push(path);
-            value
+            self.properties.borrow().get(&path.join(".")).cloned()
         }
 
         fn headers(&self, map: Map) -> Vec<(String, String)> {

@@ -31,10 +31,6 @@ const PERIODIC_MS: u64 = 1_000;
 const PROBES_PER_TICK: usize = 8;
 /// Endpoints probed at most per cluster when a request stalls.
 const MAX_SWEEP: usize = 128;
-/// In a calm cluster, the endpoint of a first-attempt success is read once per this period per
-/// worker: enough to keep every endpoint known (the TTL is minutes), a host call less for the
-/// rest.
-pub const ADDRESS_SAMPLE_MS: u64 = 10;
 
 /// Why a probe was sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,10 +108,6 @@ impl Metrics {
 struct CachedTable {
     table: ClusterTable,
     fetched_ms: u64,
-    /// `table.is_calm` when fetched: the table is read again within `TABLE_REFRESH_MS`.
-    calm: bool,
-    /// When the endpoint of a first-attempt success was last read (`ADDRESS_SAMPLE_MS`).
-    address_read_ms: Option<u64>,
 }
 
 /// What one request carries from callback to callback.
@@ -280,28 +272,10 @@ impl<H: Host> Plugin<H> {
 
     fn remember(&self, cluster: &str, table: ClusterTable, now_ms: u64) {
         let mut tables = self.tables.borrow_mut();
-        let empty =
-            || CachedTable { table: ClusterTable::default(), fetched_ms: now_ms, calm: false, address_read_ms: None };
+        let empty = || CachedTable { table: ClusterTable::default(), fetched_ms: now_ms };
         if let Some(cached) = tables.get_or_insert_with(cluster, now_ms, empty) {
-            cached.calm = table.is_calm(now_ms, self.config.ejection.endpoint_ttl_ms);
-            cached.table = table;
-            cached.fetched_ms = now_ms;
+            *cached = CachedTable { table, fetched_ms: now_ms };
         }
-    }
-
-    /// Whether to read the endpoint of a request that succeeded at its first attempt: always
-    /// unless the cluster is calm, then once per `ADDRESS_SAMPLE_MS`.
-    fn wants_success_address(&self, cluster: &str, now_ms: u64) -> bool {
-        let mut tables = self.tables.borrow_mut();
-        let Some(cached) = tables.get_mut(cluster, now_ms) else { return true };
-        if !cached.calm {
-            return true;
-        }
-        if cached.address_read_ms.is_some_and(|at| now_ms.saturating_sub(at) < ADDRESS_SAMPLE_MS) {
-            return false;
-        }
-        cached.address_read_ms = Some(now_ms);
-        true
     }
 
     /// Records observations of one finished request in the shared table.
@@ -670,11 +644,11 @@ impl<H: Host> Plugin<H> {
     pub fn on_log(&self, req: &mut RequestState) {
         // The route only changes cluster when the fallback header re-routed it.
         // on_log is the request's last callback: take the name rather than copy it.
-        // `routed` is set only after a fallback: the cluster that granted the retries.
-        let (cluster, routed) = match req.cluster.take() {
-            Some(c) if !req.fell_back => (c, None),
-            routed => match self.cluster_name() {
-                Some(c) => (c, routed),
+        let routed = req.cluster.take();
+        let cluster = match (&routed, req.fell_back) {
+            (Some(c), false) => c.clone(),
+            _ => match self.cluster_name() {
+                Some(c) => c,
                 None => return,
             },
         };
@@ -683,17 +657,10 @@ impl<H: Host> Plugin<H> {
         // Read whatever the status: a stream the endpoint reset after its answer began (a gRPC
         // stream, a long body) has a 200 and a reset flag.
         let flags = ResponseFlags(self.property_int(&["response", "flags"]).unwrap_or(0));
+        let address = self.property_string(&["upstream", "address"]).filter(|a| properties::is_ip_endpoint(a));
         let attempts = self.property_int(&["upstream", "request_attempt_count"]).unwrap_or(1);
         let retries = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX);
         let now = self.recent_clock();
-        // A first-attempt success, not steered: its endpoint matters only where something is wrong.
-        let plain_success =
-            attempts <= 1 && req.steered.is_empty() && classify(status, flags, true) == Outcome::Success;
-        let address = if plain_success && !self.wants_success_address(&cluster, now) {
-            None
-        } else {
-            self.property_string(&["upstream", "address"]).filter(|a| properties::is_ip_endpoint(a))
-        };
         if let (Some(id), Some(watch)) = (req.watched.take(), &self.inflight) {
             watch.borrow_mut().end(id, now, attempts <= 1);
         }
@@ -788,14 +755,7 @@ mod tests {
         p.on_log(req);
     }
 
-    /// A request answered by `address` at its first attempt, `ADDRESS_SAMPLE_MS` after the
-    /// previous one: far enough apart that its endpoint is read even in a calm cluster.
     fn served(p: &Plugin<FakeHost>, address: &str) {
-        p.host().advance(ADDRESS_SAMPLE_MS);
-        served_now(p, address);
-    }
-
-    fn served_now(p: &Plugin<FakeHost>, address: &str) {
         let mut req = get(p);
         p.on_response_headers(&mut req);
         finish(p, &mut req, 200, 0, address, 1);
@@ -811,50 +771,15 @@ mod tests {
         p.host().debug.set(false);
         p.on_tick();
         served(&p, A);
-        p.host().advance(1);
+        p.host().advance(10);
         p.host().reset_calls();
-        served_now(&p, A);
+        served(&p, A);
         let calls = p.host().calls.borrow().clone();
         // The clock once; one read of the request headers; the route's cluster; three retry
-        // headers written; status, flags and attempts of the finished request (its endpoint
-        // was read for the previous request, a millisecond ago).
+        // headers written; four attributes of the finished request.
         let expected: HashMap<&str, u32> =
-            [("get_current_time", 1), ("get_map", 1), ("get_property", 4), ("set_map_value", 3)].into();
+            [("get_current_time", 1), ("get_map", 1), ("get_property", 5), ("set_map_value", 3)].into();
         assert_eq!(calls, expected);
-    }
-
-    fn address_reads(p: &Plugin<FakeHost>) -> usize {
-        p.host().property_reads.borrow().iter().filter(|path| path.as_str() == "upstream.address").count()
-    }
-
-    #[test]
-    fn a_calm_cluster_still_learns_every_endpoint_from_sampled_answers() {
-        let p = plugin("{}");
-        served(&p, A);
-        p.host().property_reads.borrow_mut().clear();
-        for _ in 0..4 {
-            p.host().advance(1);
-            served_now(&p, B);
-        }
-        assert_eq!(address_reads(&p), 0, "within {ADDRESS_SAMPLE_MS} ms of the last read");
-        assert!(table(&p).find(B).is_none());
-        p.host().advance(ADDRESS_SAMPLE_MS);
-        served_now(&p, B);
-        assert_eq!(address_reads(&p), 1);
-        assert!(table(&p).find(B).is_some(), "a new endpoint is learnt from the next sampled answer");
-    }
-
-    #[test]
-    fn where_something_is_wrong_every_answer_names_its_endpoint() {
-        let p = steering_with_c_ejected();
-        p.host().advance(TABLE_REFRESH_MS);
-        served(&p, A);
-        p.host().property_reads.borrow_mut().clear();
-        for _ in 0..3 {
-            p.host().advance(1);
-            served_now(&p, B);
-        }
-        assert_eq!(address_reads(&p), 3);
     }
 
     #[test]
@@ -864,11 +789,11 @@ mod tests {
         p.host().reset_calls();
         for _ in 0..5 {
             p.host().advance(10);
-            served_now(&p, A);
+            served(&p, A);
         }
         assert_eq!(p.host().calls.borrow().get("get_shared_data"), None, "cached for {TABLE_REFRESH_MS} ms");
         p.host().advance(TABLE_REFRESH_MS);
-        served_now(&p, A);
+        served(&p, A);
         assert_eq!(p.host().calls.borrow().get("get_shared_data"), Some(&1));
     }
 
