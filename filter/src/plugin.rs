@@ -550,11 +550,13 @@ impl<H: Host> Plugin<H> {
         });
         // Pods are vanishing here: an attempt that may be replayed (`reset` is retried) gives
         // up on a silent endpoint after a few stall thresholds rather than the configured wait.
+        // Checked cheapest first: POSTs and fallbacks skip the cluster lookup.
         let factor = self.config.endpoint_override.as_ref().map_or(0, |o| o.stalled_attempt_factor);
-        let active = inflight.as_ref().and_then(|f| f.active_per_try_timeout_ms(&cluster, now, factor));
-        if let (Some(plan), Some(active)) = (decision.retry.as_mut(), active) {
-            if plan.retry_on.split(',').any(|c| c == "reset") && !decision.fallback {
-                plan.per_try_timeout_ms = Some(plan.per_try_timeout_ms.map_or(active, |t| t.min(active)));
+        if let (Some(plan), false, Some(watch)) = (decision.retry.as_mut(), decision.fallback, &inflight) {
+            if plan.retry_on.split(',').any(|c| c == "reset") {
+                if let Some(active) = watch.active_per_try_timeout_ms(&cluster, now, factor) {
+                    plan.per_try_timeout_ms = Some(plan.per_try_timeout_ms.map_or(active, |t| t.min(active)));
+                }
             }
         }
         drop(inflight);
