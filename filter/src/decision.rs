@@ -21,6 +21,9 @@ pub struct RequestFacts<'a> {
     pub has_override_header: bool,
     /// A gRPC call (`content-type: application/grpc...`): its failures are gRPC statuses.
     pub grpc: bool,
+    /// Requests Envoy's balancer routed to this cluster lately needed several retries: its
+    /// endpoint list is mostly dead, and none is left to it to explore.
+    pub exploration_paused: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,7 +117,11 @@ pub fn decide<'c>(
         let ttl = config.ejection.endpoint_ttl_ms;
         // One pass, no allocation, for the common case: nothing is wrong, nothing to steer.
         let troubled = table.suspect_until_ms > now_ms || table.has_trouble(now_ms, ttl);
-        if !decision.fallback && !facts.has_override_header && troubled && !rng.chance(o.explore_ratio) {
+        if !decision.fallback
+            && !facts.has_override_header
+            && troubled
+            && (facts.exploration_paused || !rng.chance(o.explore_ratio))
+        {
             let c = table.candidates(now_ms, ttl);
             let attempts = decision.retry.as_ref().map_or(1, |p| p.max_retries as usize + 1);
             // Endpoints that answered only a probe go first: a real request shows whether they
@@ -154,8 +161,13 @@ mod tests {
     use crate::health::{Observation, Policy};
     use crate::outcome::FailureKind;
 
-    const GET: RequestFacts<'static> =
-        RequestFacts { method: "GET", has_retry_headers: false, has_override_header: false, grpc: false };
+    const GET: RequestFacts<'static> = RequestFacts {
+        method: "GET",
+        has_retry_headers: false,
+        has_override_header: false,
+        grpc: false,
+        exploration_paused: false,
+    };
 
     fn table(healthy: &[&str], ejected: &[&str]) -> ClusterTable {
         let policy = Policy::from_config(&Config::default());
@@ -335,6 +347,8 @@ mod tests {
         let unsteered =
             (0..4_000).filter(|_| decide(&config, &GET, &t, 1, 10, &mut rng, &idle).steer.is_empty()).count();
         assert!((800..1_200).contains(&unsteered), "{unsteered}");
+        let paused = RequestFacts { exploration_paused: true, ..GET };
+        assert!((0..1_000).all(|_| !decide(&config, &paused, &t, 1, 10, &mut rng, &idle).steer.is_empty()));
     }
 
     #[test]

@@ -33,6 +33,12 @@ pub const SWEEP_INTERVAL_MS: u64 = 1_000;
 pub const SWEEP_INTERVAL_ACTIVE_MS: u64 = 200;
 /// How long the shorter interval holds after a sweep last found silence.
 pub const SWEEP_ACTIVE_FOR_MS: u64 = 10_000;
+/// A request left to Envoy's balancer that needed this many retries shows most of Envoy's
+/// endpoint list dead (the chance is the dead share squared): exploring it is then a gamble
+/// that an unlucky request loses at every attempt.
+pub const STALE_LIST_RETRIES: u64 = 2;
+/// How long exploration stays off after that; each such request extends it.
+pub const EXPLORATION_PAUSE_MS: u64 = 1_000;
 /// Requests tracked at once per VM; beyond, new requests go untracked rather than grow memory.
 const MAX_TRACKED: usize = 65_536;
 const MAX_CLUSTERS: usize = 1_024;
@@ -103,6 +109,8 @@ struct ClusterState {
     last_sweep_ms: Option<u64>,
     /// Until when sweeps may follow each other at `SWEEP_INTERVAL_ACTIVE_MS`.
     silence_found_until_ms: u64,
+    /// Until when no request is left to Envoy's balancer to find new endpoints.
+    exploration_paused_until_ms: u64,
 }
 
 /// A cluster with requests that stalled since the last look.
@@ -278,6 +286,22 @@ impl InFlight {
         }
     }
 
+    /// A request to `cluster` that Envoy's balancer routed (neither steered nor fallen back)
+    /// needed `retries`: past `STALE_LIST_RETRIES`, exploration pauses.
+    pub fn balancer_retried(&mut self, cluster: &str, retries: u64, now_ms: u64) {
+        if retries < STALE_LIST_RETRIES {
+            return;
+        }
+        if let Some(state) = self.clusters.get_or_insert_with(cluster, now_ms, ClusterState::default) {
+            state.exploration_paused_until_ms = now_ms.saturating_add(EXPLORATION_PAUSE_MS);
+        }
+    }
+
+    /// Whether requests to `cluster` may be left to Envoy's balancer to find new endpoints.
+    pub fn exploration_paused(&self, cluster: &str, now_ms: u64) -> bool {
+        self.clusters.get(cluster).is_some_and(|s| s.exploration_paused_until_ms > now_ms)
+    }
+
     /// Forgets clusters not used for `ttl_ms`, and requests in flight for longer than that: a
     /// request whose end was never reported must not hold a place (or an endpoint's load)
     /// forever.
@@ -352,6 +376,18 @@ mod tests {
         assert!(w.stalled(11_401).first().is_some_and(|s| s.sweep_timeout_ms.is_some()));
         assert!(w.stalled(11_700).iter().all(|s| s.sweep_timeout_ms.is_none()));
         assert!(w.stalled(12_401).first().is_some_and(|s| s.sweep_timeout_ms.is_some()));
+    }
+
+    #[test]
+    fn a_balancer_routed_request_that_needed_several_retries_pauses_exploration() {
+        let mut w = InFlight::new(100);
+        w.balancer_retried("c", STALE_LIST_RETRIES - 1, 1_000);
+        assert!(!w.exploration_paused("c", 1_000), "one retry is ordinary churn");
+        w.balancer_retried("c", STALE_LIST_RETRIES, 1_000);
+        assert!(w.exploration_paused("c", 1_000));
+        assert!(!w.exploration_paused("other", 1_000), "per cluster");
+        assert!(w.exploration_paused("c", 1_000 + EXPLORATION_PAUSE_MS - 1));
+        assert!(!w.exploration_paused("c", 1_000 + EXPLORATION_PAUSE_MS));
     }
 
     #[test]

@@ -534,6 +534,7 @@ impl<H: Host> Plugin<H> {
         if grpc {
             req.grpc_status = Some(None);
         }
+        let inflight = self.inflight.as_ref().map(RefCell::borrow);
         let facts = RequestFacts {
             grpc,
             method,
@@ -541,9 +542,9 @@ impl<H: Host> Plugin<H> {
             // Someone trusted steers this request already.
             has_override_header: self.config.trust_client_headers
                 && self.config.endpoint_override.as_ref().is_some_and(|o| header(&o.header).is_some()),
+            exploration_paused: inflight.as_ref().is_some_and(|f| f.exploration_paused(&cluster, now)),
         };
         let available = self.budget_deposit(&cluster, now);
-        let inflight = self.inflight.as_ref().map(RefCell::borrow);
         let load = |endpoint: &str| inflight.as_ref().map_or(0, |f| f.load(endpoint));
         let mut decision = self.with_table(&cluster, now, |t| {
             decide(&self.config, &facts, t, now, available, &mut self.rng.borrow_mut(), &load)
@@ -663,8 +664,14 @@ impl<H: Host> Plugin<H> {
         let attempts = self.property_int(&["upstream", "request_attempt_count"]).unwrap_or(1);
         let retries = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX);
         let now = self.recent_clock();
-        if let (Some(id), Some(watch)) = (req.watched.take(), &self.inflight) {
-            watch.borrow_mut().end(id, now, attempts <= 1);
+        if let Some(watch) = &self.inflight {
+            let mut watch = watch.borrow_mut();
+            if let Some(id) = req.watched.take() {
+                watch.end(id, now, attempts <= 1);
+            }
+            if req.steered.is_empty() && !req.fell_back {
+                watch.balancer_retried(&cluster, attempts.saturating_sub(1), now);
+            }
         }
         // Charged where the request was routed first: that cluster's budget granted the retries.
         self.budget_withdraw(routed.as_deref().unwrap_or(&cluster), now, retries);
@@ -931,6 +938,30 @@ mod tests {
     fn per_try_timeout(p: &Plugin<FakeHost>) -> Option<String> {
         let sent = p.host().map(Map::RequestHeaders);
         sent.iter().find(|(k, _)| k == "x-envoy-upstream-rq-per-try-timeout-ms").map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn after_envoys_balancer_needed_several_retries_no_request_is_left_to_it_for_a_while() {
+        use crate::inflight::{EXPLORATION_PAUSE_MS, STALE_LIST_RETRIES};
+        let p = plugin(r#"{"endpointOverride":{"exploreRatio":1}}"#);
+        served(&p, A);
+        served(&p, B);
+        let steered = |p: &Plugin<FakeHost>| {
+            let mut req = get(p);
+            let steered = !req.steered.is_empty();
+            finish(p, &mut req, 200, 0, A, 1);
+            steered
+        };
+        // One retry Envoy chose the endpoint for: the cluster is steered, but with every
+        // request exploring, Envoy's balancer still gets them.
+        let mut req = get(&p);
+        finish(&p, &mut req, 200, 0, A, 2);
+        assert!(!steered(&p));
+        let mut req = get(&p);
+        finish(&p, &mut req, 200, 0, A, STALE_LIST_RETRIES + 1);
+        assert!(steered(&p), "most of Envoy's list looks dead: requests go to endpoints known alive");
+        p.host().advance(EXPLORATION_PAUSE_MS);
+        assert!(!steered(&p), "exploration resumes");
     }
 
     #[test]
