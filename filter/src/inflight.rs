@@ -133,6 +133,10 @@ pub struct InFlight {
     /// Steered requests in flight per endpoint they were steered to first.
     load: HashMap<String, u32>,
     clusters: ClusterMap<ClusterState>,
+    /// The latest `silence_found_until_ms` and `exploration_paused_until_ms` of any cluster:
+    /// while both are past, as nearly always, the per-request questions need no cluster lookup.
+    silence_found_until_ms: u64,
+    exploration_paused_until_ms: u64,
 }
 
 impl InFlight {
@@ -144,6 +148,8 @@ impl InFlight {
             pending: HashMap::new(),
             load: HashMap::new(),
             clusters: ClusterMap::new(MAX_CLUSTERS),
+            silence_found_until_ms: 0,
+            exploration_paused_until_ms: 0,
         }
     }
 
@@ -273,6 +279,9 @@ impl InFlight {
     /// tail; `None` otherwise, or if `factor` is 0. A request stuck on a pod that vanished then
     /// moves on to its next endpoint instead of waiting out the configured per-try timeout.
     pub fn active_per_try_timeout_ms(&self, cluster: &str, now_ms: u64, factor: u64) -> Option<u64> {
+        if self.silence_found_until_ms <= now_ms {
+            return None;
+        }
         let state = self.clusters.get(cluster)?;
         (self.after_ms > 0 && factor > 0 && state.silence_found_until_ms > now_ms)
             .then(|| self.threshold_ms(cluster).saturating_mul(factor))
@@ -281,8 +290,10 @@ impl InFlight {
     /// A sweep of `cluster` found an endpoint silent: more may follow, so sweeps may come at
     /// `SWEEP_INTERVAL_ACTIVE_MS` for `SWEEP_ACTIVE_FOR_MS`.
     pub fn silence_found(&mut self, cluster: &str, now_ms: u64) {
+        let until = now_ms.saturating_add(SWEEP_ACTIVE_FOR_MS);
         if let Some(state) = self.clusters.get_or_insert_with(cluster, now_ms, ClusterState::default) {
-            state.silence_found_until_ms = now_ms.saturating_add(SWEEP_ACTIVE_FOR_MS);
+            state.silence_found_until_ms = until;
+            self.silence_found_until_ms = self.silence_found_until_ms.max(until);
         }
     }
 
@@ -292,14 +303,17 @@ impl InFlight {
         if retries < STALE_LIST_RETRIES {
             return;
         }
+        let until = now_ms.saturating_add(EXPLORATION_PAUSE_MS);
         if let Some(state) = self.clusters.get_or_insert_with(cluster, now_ms, ClusterState::default) {
-            state.exploration_paused_until_ms = now_ms.saturating_add(EXPLORATION_PAUSE_MS);
+            state.exploration_paused_until_ms = until;
+            self.exploration_paused_until_ms = self.exploration_paused_until_ms.max(until);
         }
     }
 
     /// Whether requests to `cluster` may be left to Envoy's balancer to find new endpoints.
     pub fn exploration_paused(&self, cluster: &str, now_ms: u64) -> bool {
-        self.clusters.get(cluster).is_some_and(|s| s.exploration_paused_until_ms > now_ms)
+        self.exploration_paused_until_ms > now_ms
+            && self.clusters.get(cluster).is_some_and(|s| s.exploration_paused_until_ms > now_ms)
     }
 
     /// Forgets clusters not used for `ttl_ms`, and requests in flight for longer than that: a
