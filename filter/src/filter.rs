@@ -73,10 +73,6 @@ impl Host for Envoy {
         hostcalls::get_property(path.to_vec()).ok().flatten()
     }
 
-    fn headers(&self, map: Map) -> Vec<(String, String)> {
-        hostcalls::get_map(map_type(map)).unwrap_or_default()
-    }
-
     fn header(&self, map: Map, name: &str) -> Option<String> {
         hostcalls::get_map_value(map_type(map), name).ok().flatten()
     }
@@ -179,8 +175,13 @@ impl HttpContext for Request {
         Action::Continue
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        self.plugin.on_response_headers(&mut self.state);
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.plugin.on_response_headers(&mut self.state, end_of_stream);
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, _body_size: usize, end_of_stream: bool) -> Action {
+        self.plugin.on_response_body(&mut self.state, end_of_stream);
         Action::Continue
     }
 

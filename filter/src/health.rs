@@ -206,6 +206,13 @@ impl ClusterTable {
         self.live(now_ms, ttl_ms).next().is_none() && self.last_write_ms.saturating_add(ttl_ms) <= now_ms
     }
 
+    /// Whether a success could change more than when an endpoint was last seen: some endpoint
+    /// has failures, an ejection level, or no answer since its last failure or ejection; or
+    /// requests found no endpoint at all.
+    pub fn recovering(&self) -> bool {
+        self.consecutive_no_upstream > 0 || self.endpoints.iter().any(|e| e.has_failures() || !e.proven || e.level > 0)
+    }
+
     /// Whether any known endpoint is ejected, or back from an ejection and not proven yet.
     pub fn has_trouble(&self, now_ms: u64, ttl_ms: u64) -> bool {
         self.live(now_ms, ttl_ms).any(|e| e.is_ejected(now_ms) || !e.proven)

@@ -36,8 +36,6 @@ pub trait Host: SharedStore {
     /// An Envoy attribute of the stream being served (`upstream.address`, ...), as encoded by
     /// proxy-wasm.
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
-    /// Every header of `map`, in one call.
-    fn headers(&self, map: Map) -> Vec<(String, String)>;
     fn header(&self, map: Map, name: &str) -> Option<String>;
     /// Sets (`Some`) or removes (`None`) a header; false if the host refused.
     fn set_header(&self, map: Map, name: &str, value: Option<&str>) -> bool;
@@ -167,11 +165,6 @@ pub mod fake {
         fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
             self.count("get_property");
             self.properties.borrow().get(&path.join(".")).cloned()
-        }
-
-        fn headers(&self, map: Map) -> Vec<(String, String)> {
-            self.count("get_map");
-            self.map(map)
         }
 
         fn header(&self, map: Map, name: &str) -> Option<String> {

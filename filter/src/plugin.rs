@@ -31,6 +31,11 @@ const PERIODIC_MS: u64 = 1_000;
 const PROBES_PER_TICK: usize = 8;
 /// Endpoints probed at most per cluster when a request stalls.
 const MAX_SWEEP: usize = 128;
+/// Without steering, and while no endpoint of a cluster is recovering, where a plain success
+/// was served is read at most this often per cluster and VM (reading it costs Envoy a copy into
+/// the VM): enough to keep every endpoint taking traffic known, and at low rates every success
+/// is read anyway. Failures are always read.
+const SUCCESS_SAMPLE_MS: u64 = 10;
 
 /// Why a probe was sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +113,17 @@ impl Metrics {
 struct CachedTable {
     table: ClusterTable,
     fetched_ms: u64,
+    /// Some endpoint has failures, an ejection level or no answer since one: each success
+    /// tells something, so every one is recorded.
+    recovering: bool,
+    /// When a success was last recorded while nothing was recovering.
+    sampled_ms: u64,
+}
+
+impl CachedTable {
+    fn new(table: ClusterTable, now_ms: u64, sampled_ms: u64) -> Self {
+        Self { recovering: table.recovering(), table, fetched_ms: now_ms, sampled_ms }
+    }
 }
 
 /// What one request carries from callback to callback.
@@ -123,6 +139,8 @@ pub struct RequestState {
     grpc_status: Option<Option<u32>>,
     /// The request's id in the stall watch.
     watched: Option<u64>,
+    /// The answer reached its end (headers, body or trailers ending the stream): nothing reset it.
+    answered_in_full: bool,
 }
 
 /// A small number unique to this VM among the workers, for the debug header.
@@ -272,9 +290,9 @@ impl<H: Host> Plugin<H> {
 
     fn remember(&self, cluster: &str, table: ClusterTable, now_ms: u64) {
         let mut tables = self.tables.borrow_mut();
-        let empty = || CachedTable { table: ClusterTable::default(), fetched_ms: now_ms };
+        let empty = || CachedTable::new(ClusterTable::default(), now_ms, 0);
         if let Some(cached) = tables.get_or_insert_with(cluster, now_ms, empty) {
-            *cached = CachedTable { table, fetched_ms: now_ms };
+            *cached = CachedTable::new(table, now_ms, cached.sampled_ms);
         }
     }
 
@@ -517,9 +535,9 @@ impl<H: Host> Plugin<H> {
 
     pub fn on_request_headers(&self, req: &mut RequestState) {
         let now = self.now();
-        // One host call for every header the decision looks at, rather than one per header.
-        let headers = self.host.headers(Map::RequestHeaders);
-        let header = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+        // Header by header rather than the whole map: a header that is absent (most here) costs
+        // no copy into the VM, and a present one costs the same whatever else the client sent.
+        let header = |name: &str| self.host.header(Map::RequestHeaders, name);
         // Before the route is looked at: a client's fallback header would have chosen it.
         let mut removed = 0;
         for name in self.config.untrusted_headers() {
@@ -530,6 +548,7 @@ impl<H: Host> Plugin<H> {
         self.inc(self.metrics.client_headers_removed, removed);
         let Some(cluster) = self.cluster_name() else { return };
         let method = header(":method").unwrap_or_default();
+        let method = method.as_str();
         let grpc = method == "POST" && header("content-type").is_some_and(|t| t.starts_with("application/grpc"));
         if grpc {
             req.grpc_status = Some(None);
@@ -614,7 +633,8 @@ impl<H: Host> Plugin<H> {
         req.cluster = Some(cluster);
     }
 
-    pub fn on_response_headers(&self, req: &mut RequestState) {
+    pub fn on_response_headers(&self, req: &mut RequestState, end_of_stream: bool) {
+        req.answered_in_full = end_of_stream;
         if let (Some(id), Some(watch)) = (req.watched, &self.inflight) {
             watch.borrow_mut().answered(id);
         }
@@ -638,10 +658,36 @@ impl<H: Host> Plugin<H> {
         self.set_header(Map::ResponseHeaders, DEBUG_HEADER, Some(&value));
     }
 
+    pub fn on_response_body(&self, req: &mut RequestState, end_of_stream: bool) {
+        req.answered_in_full |= end_of_stream;
+    }
+
     pub fn on_response_trailers(&self, req: &mut RequestState) {
+        req.answered_in_full = true;
         if let Some(status) = &mut req.grpc_status {
             *status = self.grpc_status(Map::ResponseTrailers).or(*status);
         }
+    }
+
+    /// Whether a plain success at `cluster` is worth reading where it was served: always with
+    /// `endpointOverride`, whose steering and blame need every endpoint that ever answered
+    /// known (a pod that turns sick after one answer is otherwise never in a steered list,
+    /// so never blamed for the retries it causes); else always while an endpoint is
+    /// recovering, and once per `SUCCESS_SAMPLE_MS` otherwise.
+    fn success_wanted(&self, cluster: &str, now_ms: u64) -> bool {
+        if self.config.endpoint_override.is_some() {
+            return true;
+        }
+        let mut tables = self.tables.borrow_mut();
+        let Some(cached) = tables.get_mut(cluster, now_ms) else { return true };
+        if cached.recovering || now_ms.saturating_sub(cached.fetched_ms) >= TABLE_REFRESH_MS {
+            return true;
+        }
+        if now_ms.saturating_sub(cached.sampled_ms) < SUCCESS_SAMPLE_MS {
+            return false;
+        }
+        cached.sampled_ms = now_ms;
+        true
     }
 
     pub fn on_log(&self, req: &mut RequestState) {
@@ -657,13 +703,28 @@ impl<H: Host> Plugin<H> {
         };
         let http_status = self.property_int(&["response", "code"]).unwrap_or(0);
         let status = effective_status(u32::try_from(http_status).unwrap_or(0), req.grpc_status.flatten());
-        // Read whatever the status: a stream the endpoint reset after its answer began (a gRPC
-        // stream, a long body) has a 200 and a reset flag.
-        let flags = ResponseFlags(self.property_int(&["response", "flags"]).unwrap_or(0));
-        let address = self.property_string(&["upstream", "address"]).filter(|a| properties::is_ip_endpoint(a));
+        // A stream the endpoint reset after its answer began (a gRPC stream, a long body) has a
+        // 200 and a reset flag; an answer that reached its end has no flag telling more than
+        // its status.
+        let complete_success =
+            req.answered_in_full && classify(status, ResponseFlags::default(), true) == Outcome::Success;
+        let flags = if complete_success {
+            ResponseFlags::default()
+        } else {
+            ResponseFlags(self.property_int(&["response", "flags"]).unwrap_or(0))
+        };
         let attempts = self.property_int(&["upstream", "request_attempt_count"]).unwrap_or(1);
         let retries = u32::try_from(attempts.saturating_sub(1)).unwrap_or(u32::MAX);
         let now = self.recent_clock();
+        let plain_success = retries == 0
+            && req.steered.is_empty()
+            && !req.fell_back
+            && classify(status, flags, true) == Outcome::Success;
+        let address = if plain_success && !self.success_wanted(&cluster, now) {
+            None
+        } else {
+            self.property_string(&["upstream", "address"]).filter(|a| properties::is_ip_endpoint(a))
+        };
         if let Some(watch) = &self.inflight {
             let mut watch = watch.borrow_mut();
             if let Some(id) = req.watched.take() {
@@ -677,7 +738,7 @@ impl<H: Host> Plugin<H> {
         self.budget_withdraw(routed.as_deref().unwrap_or(&cluster), now, retries);
         self.inc(self.metrics.retries_performed, u64::from(retries));
 
-        let outcome = classify(status, flags, address.is_some());
+        let outcome = if plain_success { Outcome::Success } else { classify(status, flags, address.is_some()) };
         let mut observations = Vec::with_capacity(req.steered.len() + 2);
         let steered_here = !req.steered.is_empty() && !req.fell_back;
         let mut attributed = 0u32;
@@ -766,8 +827,17 @@ mod tests {
 
     fn served(p: &Plugin<FakeHost>, address: &str) {
         let mut req = get(p);
-        p.on_response_headers(&mut req);
+        p.on_response_headers(&mut req, true);
         finish(p, &mut req, 200, 0, address, 1);
+    }
+
+    /// Plain successes at each of `endpoints`, a sample period apart: while nothing recovers,
+    /// successes closer together than that are not all read.
+    fn learn(p: &Plugin<FakeHost>, endpoints: &[&str]) {
+        for a in endpoints {
+            p.host().advance(SUCCESS_SAMPLE_MS);
+            served(p, a);
+        }
     }
 
     fn table(p: &Plugin<FakeHost>) -> ClusterTable {
@@ -780,15 +850,68 @@ mod tests {
         p.host().debug.set(false);
         p.on_tick();
         served(&p, A);
-        p.host().advance(10);
+        p.host().advance(1);
         p.host().reset_calls();
         served(&p, A);
         let calls = p.host().calls.borrow().clone();
-        // The clock once; one read of the request headers; the route's cluster; three retry
-        // headers written; four attributes of the finished request.
+        // The clock once; the method and three retry headers a client might have set; the
+        // route's cluster; three retry headers written; status and attempts of the finished
+        // request, but neither its flags (it was answered in full) nor where a success was
+        // served, just learnt.
         let expected: HashMap<&str, u32> =
-            [("get_current_time", 1), ("get_map", 1), ("get_property", 5), ("set_map_value", 3)].into();
+            [("get_current_time", 1), ("get_map_value", 4), ("get_property", 3), ("set_map_value", 3)].into();
         assert_eq!(calls, expected);
+    }
+
+    #[test]
+    fn an_answer_reset_after_its_headers_is_a_failure_despite_its_status() {
+        let p = plugin("{}");
+        learn(&p, &[A]);
+        let mut req = get(&p);
+        p.on_response_headers(&mut req, false);
+        p.on_response_body(&mut req, false);
+        finish(&p, &mut req, 200, ResponseFlags::UPSTREAM_REMOTE_RESET, A, 1);
+        assert_eq!(p.host().metric("failures.reset"), 1);
+        assert!(table(&p).find(A).is_some_and(|e| e.consecutive_gateway == 1 && !e.proven));
+        // The same status and flag on an answer that reached its end: Envoy's flag can only
+        // belong to something else (here, nothing), and the answer is a success.
+        let mut req = get(&p);
+        p.on_response_headers(&mut req, false);
+        p.on_response_body(&mut req, true);
+        finish(&p, &mut req, 200, ResponseFlags::UPSTREAM_REMOTE_RESET, A, 1);
+        assert_eq!(p.host().metric("failures.reset"), 1);
+    }
+
+    #[test]
+    fn without_steering_plain_successes_are_sampled_while_nothing_recovers() {
+        let p = plugin("{}");
+        learn(&p, &[A, B]);
+        let address_reads = |p: &Plugin<FakeHost>| p.host().calls.borrow().get("get_property").copied().unwrap_or(0);
+        // Within one sample period, only the first plain success is read where it was served.
+        p.host().advance(SUCCESS_SAMPLE_MS);
+        p.host().reset_calls();
+        for _ in 0..5 {
+            served(&p, C);
+        }
+        assert_eq!(address_reads(&p), 5 * 3 + 1, "cluster, status, attempts each; one address");
+        assert!(table(&p).find(C).is_some_and(|e| e.proven));
+        // A answers 503 once: from then on every success is read, so A's next success clears
+        // its failure at once rather than when sampled.
+        let mut req = get(&p);
+        finish(&p, &mut req, 503, 0, A, 1);
+        assert!(table(&p).find(A).is_some_and(|e| e.consecutive_gateway == 1));
+        served(&p, B);
+        served(&p, A);
+        assert!(table(&p).find(A).is_some_and(|e| e.consecutive_gateway == 0));
+        // Steering needs every endpoint that answered known: nothing is sampled.
+        let p = plugin(STEERING);
+        learn(&p, &[A, B]);
+        p.host().advance(SUCCESS_SAMPLE_MS);
+        p.host().reset_calls();
+        for _ in 0..5 {
+            served(&p, C);
+        }
+        assert_eq!(address_reads(&p), 5 * 4);
     }
 
     #[test]
@@ -821,9 +944,7 @@ mod tests {
     /// Three endpoints learnt from answers, then C refuses a connection: ejected, steering on.
     fn steering_with_c_ejected() -> Plugin<FakeHost> {
         let p = plugin(STEERING);
-        for a in [A, B, C] {
-            served(&p, a);
-        }
+        learn(&p, &[A, B, C]);
         let mut req = get(&p);
         finish(&p, &mut req, 503, ResponseFlags::UPSTREAM_CONNECTION_FAILURE, C, 1);
         assert!(table(&p).is_ejected(C, p.host().clock_ms.get()));
@@ -901,9 +1022,7 @@ mod tests {
     #[test]
     fn a_request_left_unanswered_has_the_endpoints_probed_and_the_silent_one_is_doubted() {
         let p = plugin(r#"{"endpointOverride":{"exploreRatio":0,"stallAfterMs":250}}"#);
-        for a in [A, B, C] {
-            served(&p, a);
-        }
+        learn(&p, &[A, B, C]);
         let hung = get(&p); // a pod that vanished keeps it: no answer, no failure
         p.host().advance(250);
         p.on_tick();
@@ -968,9 +1087,7 @@ mod tests {
     fn while_endpoints_are_found_silent_replayable_attempts_give_up_sooner() {
         let p =
             plugin(r#"{"endpointOverride":{"exploreRatio":0,"stallAfterMs":250},"retry":{"perTryTimeoutMs":5000}}"#);
-        for a in [A, B, C] {
-            served(&p, a);
-        }
+        learn(&p, &[A, B, C]);
         let _ = get(&p);
         assert_eq!(per_try_timeout(&p).as_deref(), Some("5000"), "as configured while nothing is wrong");
         p.host().advance(251);
@@ -995,9 +1112,7 @@ mod tests {
         let p = plugin(
             r#"{"endpointOverride":{"exploreRatio":0,"stallAfterMs":250,"stalledAttemptFactor":0},"retry":{"perTryTimeoutMs":5000}}"#,
         );
-        for a in [A, B, C] {
-            served(&p, a);
-        }
+        learn(&p, &[A, B, C]);
         let _ = get(&p);
         p.host().advance(251);
         p.on_tick();
@@ -1019,7 +1134,7 @@ mod tests {
         // While it waits, the next request's first attempt goes to the endpoint with none waiting.
         let mut next = get(&p);
         assert_eq!(next.steered.first().map(String::as_str), Some(other), "{:?}", next.steered);
-        p.on_response_headers(&mut next);
+        p.on_response_headers(&mut next, true);
         finish(&p, &mut next, 200, 0, other, 1);
         p.host().advance(101);
         p.on_tick();
@@ -1034,7 +1149,7 @@ mod tests {
         let p = plugin(STEERING);
         served(&p, A);
         let mut streaming = get(&p);
-        p.on_response_headers(&mut streaming);
+        p.on_response_headers(&mut streaming, false);
         p.host().advance(60_000);
         p.on_tick();
         assert_eq!(p.host().metric("stall_sweeps"), 0);
@@ -1056,7 +1171,7 @@ mod tests {
         assert_eq!(value("x-envoy-retry-on").as_deref(), Some(crate::decision::RETRY_ON_UNSENT));
         assert_eq!(value("x-envoy-retriable-status-codes"), None);
         p.host().set_map(Map::ResponseHeaders, &[(":status", "200")]);
-        p.on_response_headers(&mut req);
+        p.on_response_headers(&mut req, false);
         p.host().set_map(Map::ResponseTrailers, &[("grpc-status", "14")]);
         p.on_response_trailers(&mut req);
         finish(&p, &mut req, 200, 0, A, 1);
@@ -1064,13 +1179,13 @@ mod tests {
         // Trailers-only: the status comes in the headers.
         let mut req = start(&p, &grpc);
         p.host().set_map(Map::ResponseHeaders, &[(":status", "200"), ("grpc-status", "14")]);
-        p.on_response_headers(&mut req);
+        p.on_response_headers(&mut req, true);
         finish(&p, &mut req, 200, 0, A, 1);
         assert_eq!(p.host().metric("failures.gateway_error"), 2);
         // A plain GET answered 200 is a success whatever a grpc-status header says.
         let mut req = get(&p);
         p.host().set_map(Map::ResponseHeaders, &[("grpc-status", "14")]);
-        p.on_response_headers(&mut req);
+        p.on_response_headers(&mut req, true);
         finish(&p, &mut req, 200, 0, A, 1);
         assert_eq!(p.host().metric("failures.gateway_error"), 2);
     }
@@ -1090,12 +1205,12 @@ mod tests {
         let p = steering_with_c_ejected();
         let mut req = get(&p);
         p.host().set_map(Map::ResponseHeaders, &[]);
-        p.on_response_headers(&mut req);
+        p.on_response_headers(&mut req, true);
         let headers = p.host().map(Map::ResponseHeaders);
         assert!(headers.is_empty(), "off unless configured");
         let p = plugin(r#"{"debugHeader":true}"#);
         let mut req = get(&p);
-        p.on_response_headers(&mut req);
+        p.on_response_headers(&mut req, true);
         let headers = p.host().map(Map::ResponseHeaders);
         let value = headers.iter().find(|(k, _)| k == DEBUG_HEADER).map(|(_, v)| v.as_str());
         assert_eq!(value, Some(format!("vm=1; cluster={CLUSTER}; ejected=; steered=; fallback=false").as_str()));
