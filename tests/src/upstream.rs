@@ -170,10 +170,18 @@ impl Upstream {
     }
 }
 
-/// Returns a loopback address nothing listens on: connections to it are refused.
+/// Sockets bound and never listening, kept for the life of the test process.
+static RESERVED: std::sync::Mutex<Vec<tokio::net::TcpSocket>> = std::sync::Mutex::new(Vec::new());
+
+/// Returns a loopback address nothing listens on: connections to it are refused. The port stays
+/// bound (without listening, and without `SO_REUSEADDR`), so an upstream that another test starts
+/// meanwhile cannot be given it and turn "refused" into answers.
 pub async fn refusing_addr() -> anyhow::Result<SocketAddr> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    Ok(listener.local_addr()?)
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind("127.0.0.1:0".parse()?)?;
+    let addr = socket.local_addr()?;
+    RESERVED.lock().map_err(|_| anyhow::anyhow!("reserved ports poisoned"))?.push(socket);
+    Ok(addr)
 }
 
 #[derive(Debug)]
