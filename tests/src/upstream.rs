@@ -101,6 +101,10 @@ impl Upstream {
     }
 
     async fn listen(&mut self) -> anyhow::Result<()> {
+        // A pod coming back where a refusing address was (`refusing_addr`) takes its port.
+        if let Ok(mut reserved) = RESERVED.lock() {
+            reserved.retain(|s| s.local_addr().ok() != Some(self.addr));
+        }
         let listener = TcpListener::bind(self.addr).await?;
         self.addr = listener.local_addr()?;
         let shared = Arc::clone(&self.shared);
