@@ -3,6 +3,7 @@
 //! mitigations users would pick side by side.
 
 pub mod blackhole;
+pub mod compare;
 pub mod control_plane;
 pub mod delivery;
 pub mod demo;

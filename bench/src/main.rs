@@ -40,6 +40,25 @@ enum Command {
         #[arg(long, value_delimiter = ',', value_enum, default_value = "s1,s2,s3,s4,s5,s6")]
         scenarios: Vec<ScenarioName>,
     },
+    /// What a configuration costs against another: both gateways on the same pods, saturated
+    /// in turn in short slices, so that the host's drifting speed affects both alike.
+    Compare {
+        #[arg(long, value_enum, default_value = "wasm-noop")]
+        base: Variant,
+        #[arg(long, value_enum)]
+        other: Variant,
+        /// Pairs of slices.
+        #[arg(long, default_value_t = 10)]
+        pairs: usize,
+        /// Seconds per slice.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Load both at once, half the clients each, rather than in turn.
+        #[arg(long)]
+        simultaneous: bool,
+    },
     /// registry-cache: permission answer latency, blob throughput against docker-registry,
     /// pre-pull wall time.
     RegistryBench {
@@ -234,6 +253,47 @@ async fn run_interleaved(scenario: &Scenario, variants: &[Variant], rounds: usiz
         .collect())
 }
 
+/// Pairs of slices per comparison in `paired_costs`, and their length.
+const PAIRS: usize = 10;
+const PAIR_SLICE: Duration = Duration::from_secs(3);
+
+/// S3c: each churn-guard configuration and the no-op filter on the same gateway, both loaded at
+/// once in slices (`churn-lab compare --simultaneous`): the host's drift, which moves separate
+/// runs by more than the filter costs, then affects both alike.
+async fn paired_costs(scenario: &Scenario) -> anyhow::Result<String> {
+    let Load::Closed { concurrency } = scenario.load else { anyhow::bail!("paired costs need a closed loop") };
+    let pairs = [
+        (Variant::WasmNoop, Variant::ChurnGuard),
+        (Variant::WasmNoop, Variant::ChurnGuardOverride),
+        (Variant::WasmNoopFallback, Variant::ChurnGuardFallback),
+    ];
+    let mut md = format!(
+        "\n## S3c the filter's own cost, paired\n\nEach configuration and the no-op filter on the same \
+         gateway, both loaded at once ({} clients each) for {PAIRS} slices of {} s; medians over the slices. \
+         Command: `churn-lab compare --other VARIANT --base BASE --simultaneous --pairs {PAIRS} --seconds {}`.\n\n\
+         | configuration | against | throughput, side by side | Envoy CPU per request | the filter's own |\n\
+         |---|---|---:|---:|---:|\n",
+        concurrency / 2,
+        PAIR_SLICE.as_secs(),
+        PAIR_SLICE.as_secs()
+    );
+    for (base, other) in pairs {
+        say(&format!("== S3c {} against {}", other.name(), base.name()));
+        let c = churn_lab::compare::compare(scenario, base, other, PAIRS, PAIR_SLICE, concurrency, true).await?;
+        md.push_str(&format!(
+            "| {} | {} | {:.1}% | {:.1} µs against {:.1} µs | {:+.1} µs ({:+.0}%) |\n",
+            other.name(),
+            base.name(),
+            100.0 * c.median_ratio(),
+            c.other.1.envoy_cpu_us_per_request(),
+            c.base.1.envoy_cpu_us_per_request(),
+            c.median_extra_cpu_us(),
+            100.0 * c.median_extra_cpu_share()
+        ));
+    }
+    Ok(md)
+}
+
 async fn run_all(scenario: &Scenario, variants: &[Variant]) -> anyhow::Result<Vec<RunResult>> {
     let mut out = vec![];
     for v in variants {
@@ -398,6 +458,7 @@ async fn bench(out: &Path, scenarios: &[ScenarioName]) -> anyhow::Result<()> {
                      configuration ran {SATURATION_ROUNDS} times for 12 s, in interleaved rounds; its row is \
                      the run with the median throughput.\n"
                 ));
+                notes.push_str(&paired_costs(&saturated).await?);
             }
         }
     }
@@ -432,6 +493,39 @@ async fn run() -> anyhow::Result<()> {
                 std::fs::create_dir_all(&out)?;
                 std::fs::write(out.join("registry-cache.md"), &md)?;
                 print!("{md}");
+                Ok(())
+            }
+            Command::Compare { base, other, pairs, seconds, concurrency, simultaneous } => {
+                let s = s3(Load::Closed { concurrency }, "S3-compare");
+                let c = churn_lab::compare::compare(
+                    &s,
+                    base,
+                    other,
+                    pairs,
+                    Duration::from_secs(seconds),
+                    concurrency,
+                    simultaneous,
+                )
+                .await?;
+                for (v, served) in [c.base, c.other] {
+                    println!(
+                        "{:<22} {:>9.0} ok/s  {:>7.1} µs Envoy CPU/request  ({} failed)",
+                        v.name(),
+                        served.ok_per_second(),
+                        served.envoy_cpu_us_per_request(),
+                        served.failed
+                    );
+                }
+                println!(
+                    "{} against {}, median of {} paired slices: throughput {:.3}, Envoy CPU per request {:+.1} µs \
+                     ({:+.1}%)",
+                    other.name(),
+                    base.name(),
+                    c.ratios.len(),
+                    c.median_ratio(),
+                    c.median_extra_cpu_us(),
+                    100.0 * c.median_extra_cpu_share()
+                );
                 Ok(())
             }
             Command::Run { scenario, variants, pods, lag, rate, concurrency, termination, out } => {

@@ -105,7 +105,7 @@ async fn inside(lab: &Lab) -> Inside {
 }
 
 /// CPU time a process has used so far, in microseconds.
-fn cpu_us(pid: u32) -> Option<f64> {
+pub(crate) fn cpu_us(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = stat.rsplit_once(')')?.1;
@@ -138,37 +138,7 @@ pub async fn run_with(
     progress: Progress<'_>,
 ) -> anyhow::Result<RunResult> {
     let mut deployment = Deployment::start(scenario.replicas, scenario.termination, scenario.protocol).await?;
-    let (connect_timeout, per_try_timeout) = scenario.timeouts(variant);
-    let filter_config = variant.filter_config(per_try_timeout);
-    let mut spec = match configured {
-        Some(c) => c.spec.clone(),
-        None => variant.spec(per_try_timeout),
-    };
-    spec.connect_timeout = connect_timeout;
-    spec.upstream_http2 = scenario.protocol == Protocol::Grpc;
-    let service = if spec.fallback.is_some() {
-        Some(ServiceProxy::start(deployment.endpoints.clone(), KUBE_PROXY_DELAY).await?)
-    } else {
-        None
-    };
-    let ready = deployment.ready_addrs(Instant::now());
-    let fallback: Vec<_> = service.iter().map(|s| s.addr).collect();
-    let lab = match (configured, variant.module()) {
-        (Some(c), _) => Lab::start_with_filter(spec, c.filter.clone(), &ready, &fallback).await?,
-        (None, Some(module)) => {
-            Lab::start_with_module(
-                spec,
-                &std::fs::read(&module).with_context(|| {
-                    format!("reading Wasm module {} (run `make bench`, which builds it)", module.display())
-                })?,
-                "{}",
-                &ready,
-                &fallback,
-            )
-            .await?
-        }
-        (None, None) => Lab::start(spec, filter_config.as_deref(), &ready, &fallback).await?,
-    };
+    let (lab, service) = start_gateway(scenario, variant, configured, &deployment).await?;
     let _control_plane =
         ControlPlane::start(lab.xds.dir.clone(), PRIMARY, deployment.endpoints.clone(), scenario.lag, scenario.batch);
 
@@ -257,6 +227,48 @@ pub async fn run_with(
         envoy_cpu_us_per_request,
         inside,
     })
+}
+
+/// Envoy configured as `variant` (or as `configured`) in front of `deployment`'s ready pods,
+/// with the Service path when its gateway has a fallback route.
+pub async fn start_gateway(
+    scenario: &Scenario,
+    variant: Variant,
+    configured: Option<&Configured>,
+    deployment: &Deployment,
+) -> anyhow::Result<(Lab, Option<ServiceProxy>)> {
+    let (connect_timeout, per_try_timeout) = scenario.timeouts(variant);
+    let filter_config = variant.filter_config(per_try_timeout);
+    let mut spec = match configured {
+        Some(c) => c.spec.clone(),
+        None => variant.spec(per_try_timeout),
+    };
+    spec.connect_timeout = connect_timeout;
+    spec.upstream_http2 = scenario.protocol == Protocol::Grpc;
+    let service = if spec.fallback.is_some() {
+        Some(ServiceProxy::start(deployment.endpoints.clone(), KUBE_PROXY_DELAY).await?)
+    } else {
+        None
+    };
+    let ready = deployment.ready_addrs(Instant::now());
+    let fallback: Vec<_> = service.iter().map(|s| s.addr).collect();
+    let lab = match (configured, variant.module()) {
+        (Some(c), _) => Lab::start_with_filter(spec, c.filter.clone(), &ready, &fallback).await?,
+        (None, Some(module)) => {
+            Lab::start_with_module(
+                spec,
+                &std::fs::read(&module).with_context(|| {
+                    format!("reading Wasm module {} (run `make bench`, which builds it)", module.display())
+                })?,
+                "{}",
+                &ready,
+                &fallback,
+            )
+            .await?
+        }
+        (None, None) => Lab::start(spec, filter_config.as_deref(), &ready, &fallback).await?,
+    };
+    Ok((lab, service))
 }
 
 fn progress_line(label: String) -> impl Fn(usize, &Second) + Send + Sync {
