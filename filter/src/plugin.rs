@@ -944,7 +944,9 @@ mod tests {
     /// Three endpoints learnt from answers, then C refuses a connection: ejected, steering on.
     fn steering_with_c_ejected() -> Plugin<FakeHost> {
         let p = plugin(STEERING);
-        learn(&p, &[A, B, C]);
+        for a in [A, B, C] {
+            served(&p, a);
+        }
         let mut req = get(&p);
         finish(&p, &mut req, 503, ResponseFlags::UPSTREAM_CONNECTION_FAILURE, C, 1);
         assert!(table(&p).is_ejected(C, p.host().clock_ms.get()));
@@ -1022,7 +1024,9 @@ mod tests {
     #[test]
     fn a_request_left_unanswered_has_the_endpoints_probed_and_the_silent_one_is_doubted() {
         let p = plugin(r#"{"endpointOverride":{"exploreRatio":0,"stallAfterMs":250}}"#);
-        learn(&p, &[A, B, C]);
+        for a in [A, B, C] {
+            served(&p, a);
+        }
         let hung = get(&p); // a pod that vanished keeps it: no answer, no failure
         p.host().advance(250);
         p.on_tick();
@@ -1087,7 +1091,9 @@ mod tests {
     fn while_endpoints_are_found_silent_replayable_attempts_give_up_sooner() {
         let p =
             plugin(r#"{"endpointOverride":{"exploreRatio":0,"stallAfterMs":250},"retry":{"perTryTimeoutMs":5000}}"#);
-        learn(&p, &[A, B, C]);
+        for a in [A, B, C] {
+            served(&p, a);
+        }
         let _ = get(&p);
         assert_eq!(per_try_timeout(&p).as_deref(), Some("5000"), "as configured while nothing is wrong");
         p.host().advance(251);
@@ -1112,7 +1118,9 @@ mod tests {
         let p = plugin(
             r#"{"endpointOverride":{"exploreRatio":0,"stallAfterMs":250,"stalledAttemptFactor":0},"retry":{"perTryTimeoutMs":5000}}"#,
         );
-        learn(&p, &[A, B, C]);
+        for a in [A, B, C] {
+            served(&p, a);
+        }
         let _ = get(&p);
         p.host().advance(251);
         p.on_tick();
