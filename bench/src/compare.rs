@@ -1,5 +1,5 @@
-//! Two gateways side by side on the same pods, loaded in turn in short slices: a cost
-//! comparison that the host's drifting speed (other tenants, frequency) affects less than
+//! Two gateways side by side on the same pods, loaded in short slices, in turn or at once: a
+//! cost comparison that the host's drifting speed (other tenants, frequency) affects less than
 //! separate runs minutes apart, since each pair of slices sees about the same machine.
 
 use crate::load::{self, Recorder};
@@ -38,6 +38,7 @@ pub struct Comparison {
     pub ratios: Vec<f64>,
     /// `other`'s Envoy CPU per request less `base`'s, slice pair by slice pair.
     pub extra_cpu_us: Vec<f64>,
+    /// The same, as a share of `base`'s.
     pub extra_cpu_share: Vec<f64>,
 }
 
@@ -91,9 +92,10 @@ fn add(total: &mut Served, s: Served) {
     total.envoy_cpu_us += s.envoy_cpu_us;
 }
 
-/// Saturates `base` and `other` (on `scenario`'s pods, without churn) in turn, `pairs` times, `length` each, with `concurrency`
-/// clients; the order within a pair alternates so neither always goes first. `simultaneous`
-/// loads both at once instead, half the clients each: both then see the very same machine.
+/// Saturates `base` and `other`, on `scenario`'s pods without churn, in turn, `pairs` times,
+/// `length` each, with `concurrency` clients; the order within a pair alternates so neither
+/// always goes first. `simultaneous` loads both at once instead, half the clients each: both
+/// then see the very same machine.
 pub async fn compare(
     scenario: &Scenario,
     base: Variant,
