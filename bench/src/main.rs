@@ -41,7 +41,7 @@ enum Command {
         scenarios: Vec<ScenarioName>,
     },
     /// What a configuration costs against another: both gateways on the same pods, saturated
-    /// in turn in short slices, so that the host's drifting speed affects both alike.
+    /// in short slices, in turn or at once, so that the host's drifting speed affects both alike.
     Compare {
         #[arg(long, value_enum, default_value = "wasm-noop")]
         base: Variant,
