@@ -25,7 +25,9 @@ pub enum Mode {
     ResetAfterRequest = 1,
     /// 503, as a pod that is shutting down might.
     Unavailable = 2,
-    /// 503 to every other request and 200 to the rest: alive, but shedding load.
+    /// 503 to every other request and 200 to the rest: alive, but shedding load. The filter's
+    /// probes are answered and do not count, so that clients' requests alternate whatever the
+    /// filter probes (a probe taking a 200 would give clients two 503s in a row).
     UnavailableEveryOther = 3,
     /// Reads the request and never answers, nor closes: a pod whose address vanished (its
     /// packets dropped) or whose process froze. Nothing fails; requests just wait.
@@ -218,7 +220,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         r
     };
     let mode = match Mode::from_u8(shared.mode.load(Ordering::SeqCst)) {
-        Mode::UnavailableEveryOther if shared.served.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) => {
+        Mode::UnavailableEveryOther if !probe && shared.served.fetch_add(1, Ordering::SeqCst).is_multiple_of(2) => {
             Mode::Unavailable
         }
         Mode::UnavailableEveryOther => Mode::Ok,
