@@ -636,14 +636,16 @@ async fn churn_endpoints(filter_config: Option<&str>, generations: usize) -> any
 }
 
 /// 2 000+ distinct endpoints through one cluster: the shared table never holds more than
-/// `maxEndpointsPerCluster` (and every VM reports the same count), Envoy's memory stops growing once the
-/// table is full, and every request succeeds although two endpoints per generation refuse.
+/// `maxEndpointsPerCluster` (and every VM reports the same count), Envoy's memory stops growing
+/// once the table is full, and every request succeeds although two endpoints per generation
+/// refuse.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_endpoints_keep_memory_bounded() -> anyhow::Result<()> {
     let config = format!(r#"{{"ejection":{{"maxEndpointsPerCluster":{CAP}}}}}"#);
     let churn = churn_endpoints(Some(&config), generations()).await?;
     let samples = &churn.samples;
-    // The table is full once 2 × CAP distinct endpoints have been seen (generation 7).
+    // The table is full, or nearly (successes are sampled), once 2 × CAP distinct endpoints
+    // have been seen (generation 7).
     let full = samples.iter().position(|s| s.0 as u64 >= 2 * CAP).unwrap_or(samples.len());
     let at_full = samples.get(full).map_or(0, |s| s.1);
     let end = samples.last().map_or(0, |s| s.1);
