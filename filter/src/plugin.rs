@@ -267,6 +267,10 @@ impl<H: Host> Plugin<H> {
     }
 
     fn budget_withdraw(&self, cluster: &str, now_ms: u64, retries: u32) {
+        // Nearly every request: no retry, nothing to charge, no lookup.
+        if retries == 0 {
+            return;
+        }
         if let Some(b) = self.budgets.borrow_mut().get_mut(cluster, now_ms) {
             b.withdraw(now_ms, retries);
         }
