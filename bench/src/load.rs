@@ -23,15 +23,15 @@ pub struct Second {
     pub latency_us: Histogram<u64>,
 }
 
+/// Request latencies in µs, from 1 µs to a minute, two significant digits.
+pub fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 2)
+        .unwrap_or_else(|_| Histogram::new(2).unwrap_or_else(|_| unreachable!()))
+}
+
 impl Default for Second {
     fn default() -> Self {
-        Self {
-            sent: 0,
-            ok: 0,
-            failed: BTreeMap::new(),
-            latency_us: Histogram::new_with_bounds(1, 60_000_000, 2)
-                .unwrap_or_else(|_| Histogram::new(2).unwrap_or_else(|_| unreachable!())),
-        }
+        Self { sent: 0, ok: 0, failed: BTreeMap::new(), latency_us: latency_histogram() }
     }
 }
 

@@ -298,7 +298,7 @@ pub fn targets(all: &[Summary]) -> String {
             if let (true, Some(base)) = (g == "churn-guard+fallback", find("S3-saturation", "wasm-noop+fallback")) {
                 let _ = writeln!(
                     out,
-                    "- S3 {g} against wasm-noop on the same gateway: {:.1}% of its throughput ({:.0}/s against {:.0}/s); Envoy CPU per request {:.1} µs against {:.1} µs, so the filter's own {:+.1} µs",
+                    "- S3b {g} against wasm-noop on the same gateway: {:.1}% of its throughput ({:.0}/s against {:.0}/s); Envoy CPU per request {:.1} µs against {:.1} µs, so the filter's own {:+.1} µs",
                     100.0 * s.steady_rps / base.steady_rps.max(1.0),
                     s.steady_rps,
                     base.steady_rps,
@@ -310,7 +310,7 @@ pub fn targets(all: &[Summary]) -> String {
             let ratio = 100.0 * s.steady_rps / noop.steady_rps.max(1.0);
             let _ = writeln!(
                 out,
-                "- S3 {g}: throughput at saturation {ratio:.1}% of wasm-noop's ≥ 85%: {} (plain {:.0}/s, wasm-noop {:.0}/s, {g} {:.0}/s; Envoy CPU per request: plain {:.1} µs, wasm-noop {:.1} µs, {g} {:.1} µs, so the filter's own {:+.1} µs)",
+                "- S3b {g}: throughput at saturation {ratio:.1}% of wasm-noop's ≥ 85%: {} (plain {:.0}/s, wasm-noop {:.0}/s, {g} {:.0}/s; Envoy CPU per request: plain {:.1} µs, wasm-noop {:.1} µs, {g} {:.1} µs, so the filter's own {:+.1} µs)",
                 verdict(ratio >= 85.0, format!("by {:.1} points", 85.0 - ratio)),
                 plain.steady_rps,
                 noop.steady_rps,
@@ -328,7 +328,7 @@ pub fn targets(all: &[Summary]) -> String {
             let added = s.p99_ms - noop.p99_ms;
             let _ = writeln!(
                 out,
-                "- S3 {g}: p99 at 500 requests/s {:.2} ms against wasm-noop's {:.2} ms, added {added:+.2} ms ≤ 0.1 ms: {}; p50 added {:+.2} ms; Envoy CPU per request {:.1} µs (wasm-noop {:.1} µs)",
+                "- S3a {g}: p99 at 500 requests/s {:.2} ms against wasm-noop's {:.2} ms, added {added:+.2} ms ≤ 0.1 ms: {}; p50 added {:+.2} ms; Envoy CPU per request {:.1} µs (wasm-noop {:.1} µs)",
                 s.p99_ms,
                 noop.p99_ms,
                 verdict(added <= 0.1, format!("by {:.2} ms", added - 0.1)),
