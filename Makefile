@@ -38,7 +38,7 @@ demo: build
 	$(CARGO) run --profile lab -p churn-lab -- demo
 
 bench: build
-	$(CARGO) build -p wasm-noop --target wasm32-wasip1 --release
+	$(CARGO) build -p wasm-noop -p wasm-retry-floor --target wasm32-wasip1 --release
 	$(CARGO) run --release -p churn-lab -- bench
 	$(CARGO) run --release -p churn-lab -- registry-bench
 

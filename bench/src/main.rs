@@ -263,7 +263,8 @@ const PAIR_SLICE: Duration = Duration::from_secs(3);
 const LATENCY_SLICE: Duration = Duration::from_secs(4);
 
 /// The configurations compared in S3c and S3d, each against the no-op filter on its gateway.
-const PAIRED: [(Variant, Variant); 3] = [
+const PAIRED: [(Variant, Variant); 4] = [
+    (Variant::WasmNoop, Variant::WasmRetryFloor),
     (Variant::WasmNoop, Variant::ChurnGuard),
     (Variant::WasmNoop, Variant::ChurnGuardOverride),
     (Variant::WasmNoopFallback, Variant::ChurnGuardFallback),
@@ -277,6 +278,9 @@ async fn paired_costs(scenario: &Scenario) -> anyhow::Result<String> {
     let mut md = format!(
         "\n## S3c the filter's own cost, paired\n\nEach configuration and the no-op filter on the same \
          gateway, both loaded at once ({} clients each) for {PAIRS} slices of {} s; medians over the slices. \
+         `wasm-retry-floor` makes only the host calls any filter that retries by request headers and learns \
+         from answers needs (the method; `x-envoy-retry-on` and `x-envoy-max-retries`; status and attempt \
+         count): the floor for churn-guard's own cost. \
          Command: `churn-lab compare --other VARIANT --base BASE --simultaneous --pairs {PAIRS} --seconds {}`.\n\n\
          | configuration | against | throughput, side by side | ≥ 85% | Envoy CPU per request | the filter's own |\n\
          |---|---|---:|---|---:|---:|\n",

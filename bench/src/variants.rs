@@ -28,6 +28,9 @@ pub enum Variant {
     /// The no-op filter on the recipe's gateway (`override_host` balancing, a fallback route):
     /// what the recipe's Envoy configuration costs before churn-guard does anything.
     WasmNoopFallback,
+    /// A filter that only retries by request headers and reads each answer's status and attempt
+    /// count: the least churn-guard's host calls can cost.
+    WasmRetryFloor,
 }
 
 impl Variant {
@@ -57,6 +60,7 @@ impl Variant {
             Variant::ChurnGuardFallback => "churn-guard+fallback",
             Variant::WasmNoop => "wasm-noop",
             Variant::WasmNoopFallback => "wasm-noop+fallback",
+            Variant::WasmRetryFloor => "wasm-retry-floor",
         }
     }
 
@@ -65,7 +69,7 @@ impl Variant {
     pub fn filter_config(self, per_try_timeout: Option<std::time::Duration>) -> Option<String> {
         let mut c = match self {
             Variant::Plain | Variant::Builtin | Variant::BuiltinTuned | Variant::BuiltinTunedTimeouts => return None,
-            Variant::ChurnGuard | Variant::WasmNoop | Variant::WasmNoopFallback => json!({}),
+            Variant::ChurnGuard | Variant::WasmNoop | Variant::WasmNoopFallback | Variant::WasmRetryFloor => json!({}),
             Variant::ChurnGuardOverride => json!({"endpointOverride": {"header": OVERRIDE_HEADER}}),
             Variant::ChurnGuardFallback => json!({
                 "endpointOverride": {"header": OVERRIDE_HEADER},
@@ -80,14 +84,18 @@ impl Variant {
 
     /// The module to load instead of churn-guard's.
     pub fn module(self) -> Option<std::path::PathBuf> {
-        matches!(self, Variant::WasmNoop | Variant::WasmNoopFallback)
-            .then(|| harness::envoy::workspace_root().join("target/wasm32-wasip1/release/wasm_noop.wasm"))
+        let file = match self {
+            Variant::WasmNoop | Variant::WasmNoopFallback => "wasm_noop.wasm",
+            Variant::WasmRetryFloor => "wasm_retry_floor.wasm",
+            _ => return None,
+        };
+        Some(harness::envoy::workspace_root().join("target/wasm32-wasip1/release").join(file))
     }
 
     pub fn spec(self, per_try_timeout: Option<std::time::Duration>) -> GatewaySpec {
         let mut spec = GatewaySpec { expose_response_flags: true, ..GatewaySpec::default() };
         match self {
-            Variant::Plain | Variant::ChurnGuard | Variant::WasmNoop => {}
+            Variant::Plain | Variant::ChurnGuard | Variant::WasmNoop | Variant::WasmRetryFloor => {}
             Variant::Builtin => {
                 spec.route_retry_policy = Some(retry(
                     2,
