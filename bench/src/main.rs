@@ -59,7 +59,8 @@ enum Command {
         /// Requests per second to each gateway, instead of saturating them: compares latency.
         #[arg(long, conflicts_with = "concurrency")]
         rate: Option<u32>,
-        /// Load both at once (half the clients each when saturating) rather than in turn.
+        /// Load both at once (half the clients each when saturating, the full rate each with
+        /// `--rate`) rather than in turn.
         #[arg(long)]
         simultaneous: bool,
     },
@@ -306,15 +307,18 @@ async fn paired_costs(scenario: &Scenario) -> anyhow::Result<String> {
     Ok(md)
 }
 
-/// S3d: latency at a fixed rate, each configuration and the no-op filter in turn in short
-/// slices: the p99 of separate runs minutes apart moves by more than the filter adds to it.
+/// S3d: latency at a fixed rate, each configuration and the no-op filter both at that rate at
+/// once, in short slices: the p99 of separate runs minutes apart, and even of slices in turn,
+/// moves with whatever else the host runs by more than the filter adds to it; at once, both
+/// gateways meet the same interference.
 async fn paired_latency(scenario: &Scenario) -> anyhow::Result<String> {
     let Load::Open { rate } = scenario.load else { anyhow::bail!("paired latency needs a fixed rate") };
     let mut md = format!(
         "\n## S3d latency at {rate} requests/s, paired\n\nEach configuration and the no-op filter on the same \
-         gateway, loaded in turn at {rate} requests/s for {PAIRS} slices of {} s each, the order alternating. \
-         p99 over all of a configuration's slices, and the median of the slice-by-slice differences. \
-         Command: `churn-lab compare --other VARIANT --base BASE --rate {rate} --pairs {PAIRS} --seconds {}`.\n\n\
+         gateway, both loaded at once at {rate} requests/s each for {PAIRS} slices of {} s. p99 over all of a \
+         configuration's slices, and the median of the slice-by-slice differences. \
+         Command: `churn-lab compare --other VARIANT --base BASE --rate {rate} --simultaneous --pairs {PAIRS} \
+         --seconds {}`.\n\n\
          | configuration | against | p99 | added p99 | ≤ 0.1 ms | added p99, median of pairs | added p50 | Envoy CPU per request |\n\
          |---|---|---:|---:|---|---:|---:|---:|\n",
         LATENCY_SLICE.as_secs(),
@@ -322,7 +326,7 @@ async fn paired_latency(scenario: &Scenario) -> anyhow::Result<String> {
     );
     for (base, other) in PAIRED {
         say(&format!("== S3d {} against {}", other.name(), base.name()));
-        let c = churn_lab::compare::compare(scenario, base, other, PAIRS, LATENCY_SLICE, false).await?;
+        let c = churn_lab::compare::compare(scenario, base, other, PAIRS, LATENCY_SLICE, true).await?;
         let (b, o) = (&c.base.1, &c.other.1);
         let added = o.p99_ms() - b.p99_ms();
         md.push_str(&format!(
