@@ -723,7 +723,7 @@ impl<H: Host> Plugin<H> {
         let plain_success = retries == 0
             && req.steered.is_empty()
             && !req.fell_back
-            && classify(status, flags, true) == Outcome::Success;
+            && (complete_success || classify(status, flags, true) == Outcome::Success);
         let address = if plain_success && !self.success_wanted(&cluster, now) {
             None
         } else {
