@@ -148,7 +148,6 @@ pub async fn compare(
     for (url, pid) in &gateways {
         slice(url, load, Duration::from_secs(2), *pid).await;
     }
-    let (mut a, mut b) = (Served::default(), Served::default());
     let mut c = Comparison {
         base: (base, Served::default()),
         other: (other, Served::default()),
@@ -188,10 +187,8 @@ pub async fn compare(
             sb.p99_ms(),
             c.ratios.last().copied().unwrap_or(f64::NAN)
         );
-        add(&mut a, &sa);
-        add(&mut b, &sb);
+        add(&mut c.base.1, &sa);
+        add(&mut c.other.1, &sb);
     }
-    c.base.1 = a;
-    c.other.1 = b;
     Ok(c)
 }
