@@ -97,6 +97,26 @@ pub const CLUSTERS_KEY: &str = "churn-guard.v2.clusters";
 /// Bound on listed clusters; a cluster beyond it gets no shared table until others expire.
 pub const MAX_CLUSTERS: usize = 1024;
 
+/// A counter any worker bumps when it meets trouble, so that calm workers leave their calm.
+pub const ALARM_KEY: &str = "churn-guard.v1.alarm";
+
+/// A shared counter's value; missing or unreadable reads as 0.
+pub fn counter<S: SharedStore + ?Sized>(store: &S, key: &str) -> u64 {
+    store.get(key).0.and_then(|b| crate::properties::int(&b)).unwrap_or(0)
+}
+
+/// Adds one to a shared counter by CAS and returns the new value; `None` if the host refused or
+/// the race was lost `MAX_CAS_ATTEMPTS` times. Two workers creating a missing counter at once
+/// may both write 1 (Envoy does not check the CAS token of a missing key): a counter read for
+/// change, not for its exact count, is not hurt by that.
+pub fn increment<S: SharedStore + ?Sized>(store: &S, key: &str) -> Option<u64> {
+    (0..MAX_CAS_ATTEMPTS).find_map(|_| {
+        let (bytes, cas) = store.get(key);
+        let next = bytes.and_then(|b| crate::properties::int(&b)).unwrap_or(0).wrapping_add(1);
+        store.set(key, &next.to_le_bytes(), cas).ok().map(|()| next)
+    })
+}
+
 /// A claim whose table has not appeared after this long is taken over: the VM that claimed it
 /// failed to write (a host error), and the cluster must not stay without a table.
 pub const CLAIM_TIMEOUT_MS: u64 = 1_000;
@@ -344,6 +364,24 @@ mod tests {
             self.maybe_interleave(key, true);
             self.inner.set(key, value, cas)
         }
+    }
+
+    #[test]
+    fn a_shared_counter_counts_every_increment_and_reads_zero_when_missing() {
+        let store = MemoryStore::default();
+        assert_eq!(counter(&store, ALARM_KEY), 0);
+        assert_eq!((increment(&store, ALARM_KEY), increment(&store, ALARM_KEY)), (Some(1), Some(2)));
+        assert_eq!(counter(&store, ALARM_KEY), 2);
+        // Another worker wrote between this one's read and write: it reads again.
+        let racing = Interleaved::new(
+            |key, set| key == ALARM_KEY && set,
+            |s: &MemoryStore| {
+                let _ = increment(s, ALARM_KEY);
+            },
+        );
+        let _ = increment(&racing.inner, ALARM_KEY);
+        assert_eq!(increment(&racing, ALARM_KEY), Some(3));
+        assert_eq!(counter(&racing, ALARM_KEY), 3);
     }
 
     #[test]
