@@ -42,10 +42,10 @@ impl RetryBudget {
         Some(b)
     }
 
-    /// Counts an original request.
-    pub fn deposit(&mut self, now_ms: u64) {
+    /// Counts `n` original requests.
+    pub fn deposit(&mut self, now_ms: u64, n: u64) {
         if let Some(b) = self.bucket(now_ms) {
-            b.requests = b.requests.saturating_add(1);
+            b.requests = b.requests.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
         }
     }
 
@@ -95,7 +95,7 @@ mod tests {
         let mut retries = 0;
         for i in 0..1_000u64 {
             let now = i; // a thousand requests within one second
-            b.deposit(now);
+            b.deposit(now, 1);
             let granted = b.available(now).min(3);
             b.withdraw(now, granted); // every retry was used and failed
             retries += granted;
@@ -108,10 +108,18 @@ mod tests {
     fn healthy_traffic_keeps_retries_available() {
         let mut b = budget(1.0, 10, 10);
         for i in 0..100u64 {
-            b.deposit(i * 10);
+            b.deposit(i * 10, 1);
         }
         assert!(b.available(1_000) >= 10);
         assert!(b.available(1_000) >= 200);
+    }
+
+    #[test]
+    fn one_deposit_may_stand_for_many_requests() {
+        let mut b = budget(0.5, 0, 10);
+        b.deposit(0, 40);
+        b.deposit(0, 0);
+        assert_eq!(b.available(0), 20);
     }
 
     #[test]
@@ -133,7 +141,7 @@ mod tests {
     #[test]
     fn zero_ratio_zero_floor_means_no_retries() {
         let mut b = budget(0.0, 0, 10);
-        b.deposit(0);
+        b.deposit(0, 1);
         assert_eq!(b.available(0), 0);
     }
 }

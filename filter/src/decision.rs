@@ -65,6 +65,19 @@ pub fn fallback_active(config: &Config, table: &ClusterTable, now_ms: u64) -> bo
     t.known > 0 && unhealthy as f64 >= fallback.ejected_share * t.known as f64
 }
 
+/// Whether requests to the cluster would be steered, unless left to the balancer to explore:
+/// some endpoint is ejected or unproven, or a retry went unattributed lately.
+fn troubled(config: &Config, table: &ClusterTable, now_ms: u64) -> bool {
+    let ttl = config.ejection.endpoint_ttl_ms;
+    table.suspect_until_ms > now_ms || table.has_trouble(now_ms, ttl)
+}
+
+/// Whether what is known of a cluster would make any request there differ from one to a
+/// cluster nothing is known of: steered, or sent to the fallback.
+pub fn needs_decisions(config: &Config, table: &ClusterTable, now_ms: u64) -> bool {
+    fallback_active(config, table, now_ms) || (config.endpoint_override.is_some() && troubled(config, table, now_ms))
+}
+
 /// Decides for one request. `retries_available` is what the budget allows right now; `load`
 /// counts the requests in flight steered to an endpoint.
 pub fn decide<'c>(
@@ -115,11 +128,10 @@ pub fn decide<'c>(
 
     if let Some(o) = &config.endpoint_override {
         let ttl = config.ejection.endpoint_ttl_ms;
-        // One pass, no allocation, for the common case: nothing is wrong, nothing to steer.
-        let troubled = table.suspect_until_ms > now_ms || table.has_trouble(now_ms, ttl);
         if !decision.fallback
             && !facts.has_override_header
-            && troubled
+            // One pass, no allocation, for the common case: nothing is wrong, nothing to steer.
+            && troubled(config, table, now_ms)
             && (facts.exploration_paused || !rng.chance(o.explore_ratio))
         {
             let c = table.candidates(now_ms, ttl);
@@ -232,6 +244,18 @@ mod tests {
         let plan = d.retry.unwrap_or_else(|| unreachable!());
         assert!(plan.retry_on.split(',').any(|c| c == "reset"), "{}", plan.retry_on);
         assert_eq!(plan.grpc_retry_on, Some("cancelled,unavailable"));
+    }
+
+    #[test]
+    fn only_a_table_that_would_steer_or_fall_back_needs_decisions() {
+        let ejected = table(&["10.0.0.1:80"], &["10.0.0.2:80"]);
+        assert!(!needs_decisions(&Config::default(), &ejected, 1), "`{{}}` neither steers nor falls back");
+        assert!(needs_decisions(steering(), &ejected, 1), "steering avoids the ejected endpoint");
+        assert!(!needs_decisions(steering(), &table(&["10.0.0.1:80"], &[]), 1));
+        let fallback = Config::parse(br#"{"fallback":{}}"#).unwrap_or_default();
+        assert!(needs_decisions(&fallback, &table(&[], &["10.0.0.2:80"]), 1), "every endpoint ejected");
+        let one_in_three = table(&["10.0.0.1:80", "10.0.0.3:80"], &["10.0.0.2:80"]);
+        assert!(!needs_decisions(&fallback, &one_in_three, 1), "less than half ejected: no fallback");
     }
 
     #[test]

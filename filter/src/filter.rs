@@ -18,11 +18,18 @@ proxy_wasm::main! {{
     std::panic::set_hook(Box::new(|info| {
         let _ = hostcalls::log(LogLevel::Critical, &format!("churn-guard: {info}"));
     }));
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(Root { context_id, ..Root::default() })
+    });
 }}
 
 /// Envoy, through proxy-wasm host calls, for the stream or root context being served.
-struct Envoy;
+/// `root_context_id` is the plugin's root context, which the tick's calls return to after
+/// reading another stream's attributes.
+#[derive(Clone, Copy)]
+struct Envoy {
+    root_context_id: u32,
+}
 
 fn map_type(map: Map) -> MapType {
     match map {
@@ -73,6 +80,18 @@ impl Host for Envoy {
         hostcalls::get_property(path.to_vec()).ok().flatten()
     }
 
+    fn stream_property(&self, context_id: u32, path: &[&str]) -> Option<Vec<u8>> {
+        // Fails if the stream has ended since.
+        hostcalls::set_effective_context(context_id).ok()?;
+        let value = hostcalls::get_property(path.to_vec()).ok().flatten();
+        // Probes sent later in this tick must come from the root context, which gets their
+        // answers.
+        if let Err(status) = hostcalls::set_effective_context(self.root_context_id) {
+            self.log(Level::Error, &format!("churn-guard: cannot return to the root context: {status:?}"));
+        }
+        value
+    }
+
     fn header(&self, map: Map, name: &str) -> Option<String> {
         hostcalls::get_map_value(map_type(map), name).ok().flatten()
     }
@@ -105,6 +124,7 @@ impl Host for Envoy {
 
 #[derive(Default)]
 struct Root {
+    context_id: u32,
     plugin: Option<Rc<Plugin<Envoy>>>,
     vm_id: Option<u32>,
 }
@@ -119,28 +139,29 @@ impl Context for Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, plugin_configuration_size: usize) -> bool {
+        let envoy = Envoy { root_context_id: self.context_id };
         let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, plugin_configuration_size) {
             Ok(b) => b.unwrap_or_default(),
             Err(status) => {
-                Envoy.log(Level::Error, &format!("churn-guard: cannot read plugin configuration: {status:?}"));
+                envoy.log(Level::Error, &format!("churn-guard: cannot read plugin configuration: {status:?}"));
                 return false;
             }
         };
         match Config::parse(&bytes) {
             Ok(config) => {
-                if let Err(e) = store::ensure_registry(&Envoy) {
-                    Envoy.log(Level::Warn, &format!("churn-guard: cannot create the cluster registry: {e:?}"));
+                if let Err(e) = store::ensure_registry(&envoy) {
+                    envoy.log(Level::Warn, &format!("churn-guard: cannot create the cluster registry: {e:?}"));
                 }
-                let vm_id = *self.vm_id.get_or_insert_with(|| allocate_vm_id(&Envoy));
-                self.plugin = Some(Rc::new(Plugin::new(Envoy, config, vm_id)));
+                let vm_id = *self.vm_id.get_or_insert_with(|| allocate_vm_id(&envoy));
+                self.plugin = Some(Rc::new(Plugin::new(envoy, config, vm_id)));
                 if let Err(status) = hostcalls::set_tick_period(Duration::from_millis(crate::plugin::TICK_MS)) {
-                    Envoy.log(Level::Warn, &format!("churn-guard: no tick, gauges stay stale: {status:?}"));
+                    envoy.log(Level::Warn, &format!("churn-guard: no tick, gauges stay stale: {status:?}"));
                 }
-                Envoy.log(Level::Info, "churn-guard: configured");
+                envoy.log(Level::Info, "churn-guard: configured");
                 true
             }
             Err(e) => {
-                Envoy.log(Level::Error, &e.to_string());
+                envoy.log(Level::Error, &e.to_string());
                 false
             }
         }
@@ -152,9 +173,9 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let plugin = self.plugin.clone()?;
-        Some(Box::new(Request { plugin, state: RequestState::default() }))
+        Some(Box::new(Request { plugin, state: RequestState::new(context_id) }))
     }
 
     fn get_type(&self) -> Option<ContextType> {

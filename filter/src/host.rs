@@ -36,6 +36,9 @@ pub trait Host: SharedStore {
     /// An Envoy attribute of the stream being served (`upstream.address`, ...), as encoded by
     /// proxy-wasm.
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+    /// An attribute of another stream, by its proxy-wasm context id (from the tick, when a
+    /// request's cluster was not read when it began); `None` if that stream is gone.
+    fn stream_property(&self, context_id: u32, path: &[&str]) -> Option<Vec<u8>>;
     fn header(&self, map: Map, name: &str) -> Option<String>;
     /// Sets (`Some`) or removes (`None`) a header; false if the host refused.
     fn set_header(&self, map: Map, name: &str, value: Option<&str>) -> bool;
@@ -66,6 +69,8 @@ pub mod fake {
         pub debug: Cell<bool>,
         /// Attributes by dotted path, e.g. `upstream.address`.
         pub properties: RefCell<HashMap<String, Vec<u8>>>,
+        /// Other streams' attributes, by context id and dotted path.
+        pub stream_properties: RefCell<HashMap<(u32, String), Vec<u8>>>,
         pub maps: RefCell<HashMap<String, Pairs>>,
         pub logs: RefCell<Vec<(Level, String)>>,
         pub metric_names: RefCell<Vec<String>>,
@@ -165,6 +170,11 @@ pub mod fake {
         fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
             self.count("get_property");
             self.properties.borrow().get(&path.join(".")).cloned()
+        }
+
+        fn stream_property(&self, context_id: u32, path: &[&str]) -> Option<Vec<u8>> {
+            self.count("get_property");
+            self.stream_properties.borrow().get(&(context_id, path.join("."))).cloned()
         }
 
         fn header(&self, map: Map, name: &str) -> Option<String> {

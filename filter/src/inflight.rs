@@ -45,7 +45,10 @@ const MAX_CLUSTERS: usize = 1_024;
 
 #[derive(Debug, Clone)]
 struct Pending {
-    cluster: String,
+    /// `None` for a request begun while calm, until its cluster is read (`route`).
+    cluster: Option<String>,
+    /// The request's proxy-wasm context, through which its cluster can be read later.
+    context_id: u32,
     /// The endpoint the request was steered to first, if it was steered.
     endpoint: Option<String>,
     started_ms: u64,
@@ -175,7 +178,8 @@ impl InFlight {
             }
         }
         let pending = Pending {
-            cluster: cluster.to_string(),
+            cluster: Some(cluster.to_string()),
+            context_id: 0,
             endpoint: endpoint.map(str::to_string),
             started_ms: now_ms,
             answered: false,
@@ -183,6 +187,48 @@ impl InFlight {
         };
         self.pending.insert(id, pending);
         Some(id)
+    }
+
+    /// A request whose cluster is not known (begun while calm), in proxy-wasm context
+    /// `context_id`: its cluster is read only if it waits past the floor (`unrouted_waiting`).
+    pub fn begin_unrouted(&mut self, context_id: u32, now_ms: u64) -> Option<u64> {
+        if self.pending.len() >= MAX_TRACKED {
+            return None;
+        }
+        self.next_id = self.next_id.wrapping_add(1);
+        let id = self.next_id;
+        let pending =
+            Pending { cluster: None, endpoint: None, context_id, started_ms: now_ms, answered: false, reported: false };
+        self.pending.insert(id, pending);
+        Some(id)
+    }
+
+    /// Requests of unknown cluster unanswered past the floor, as (id, context): their clusters
+    /// must be read (and given to `route`) before any threshold can say whether they stalled.
+    pub fn unrouted_waiting(&self, now_ms: u64) -> Vec<(u64, u32)> {
+        if self.after_ms == 0 {
+            return Vec::new();
+        }
+        self.pending
+            .iter()
+            .filter(|(_, p)| p.cluster.is_none() && !p.answered && now_ms.saturating_sub(p.started_ms) > self.after_ms)
+            .map(|(id, p)| (*id, p.context_id))
+            .collect()
+    }
+
+    /// Request `id`'s cluster, once read: from now on it is watched as any other. A request
+    /// whose cluster cannot be read is no longer watched.
+    pub fn route(&mut self, id: u64, cluster: Option<&str>) {
+        match cluster {
+            Some(c) => {
+                if let Some(p) = self.pending.get_mut(&id) {
+                    p.cluster = Some(c.to_string());
+                }
+            }
+            None => {
+                self.pending.remove(&id);
+            }
+        }
     }
 
     /// The request's response headers arrived (from an endpoint or from Envoy itself).
@@ -204,8 +250,8 @@ impl InFlight {
                 }
             }
         }
-        if p.answered && first_attempt {
-            let state = self.clusters.get_or_insert_with(&p.cluster, now_ms, ClusterState::default);
+        if let (true, true, Some(cluster)) = (p.answered, first_attempt, &p.cluster) {
+            let state = self.clusters.get_or_insert_with(cluster, now_ms, ClusterState::default);
             if let Some(state) = state {
                 state.latency.record(now_ms.saturating_sub(p.started_ms), now_ms);
             }
@@ -227,20 +273,22 @@ impl InFlight {
             return out;
         }
         let mut thresholds: HashMap<String, u64> = HashMap::new();
-        for p in self.pending.values().filter(|p| !p.answered) {
-            if !thresholds.contains_key(&p.cluster) {
-                thresholds.insert(p.cluster.clone(), self.threshold_ms(&p.cluster));
+        for cluster in self.pending.values().filter(|p| !p.answered).filter_map(|p| p.cluster.as_ref()) {
+            if !thresholds.contains_key(cluster) {
+                thresholds.insert(cluster.clone(), self.threshold_ms(cluster));
             }
         }
         for p in self.pending.values_mut().filter(|p| !p.answered) {
-            let threshold = thresholds.get(&p.cluster).copied().unwrap_or(self.after_ms);
+            // Of unknown cluster until `route`: nothing to compare with, nothing to sweep.
+            let Some(cluster) = &p.cluster else { continue };
+            let threshold = thresholds.get(cluster).copied().unwrap_or(self.after_ms);
             if now_ms.saturating_sub(p.started_ms) <= threshold {
                 continue;
             }
-            let i = match out.iter().position(|s| s.cluster == p.cluster) {
+            let i = match out.iter().position(|s| s.cluster == *cluster) {
                 Some(i) => i,
                 None => {
-                    let state = self.clusters.get_or_insert_with(&p.cluster, now_ms, ClusterState::default);
+                    let state = self.clusters.get_or_insert_with(cluster, now_ms, ClusterState::default);
                     let sweep = state.is_some_and(|state| {
                         let interval = if state.silence_found_until_ms > now_ms {
                             SWEEP_INTERVAL_ACTIVE_MS.max(threshold.saturating_mul(2))
@@ -254,7 +302,7 @@ impl InFlight {
                         due
                     });
                     out.push(Stalled {
-                        cluster: p.cluster.clone(),
+                        cluster: cluster.clone(),
                         sweep_timeout_ms: sweep.then_some(threshold),
                         endpoints: Vec::new(),
                     });
@@ -336,6 +384,11 @@ impl InFlight {
         });
     }
 
+    /// No sweep is finding silent endpoints and no cluster's exploration is paused.
+    pub fn quiet(&self, now_ms: u64) -> bool {
+        self.silence_found_until_ms <= now_ms && self.exploration_paused_until_ms <= now_ms
+    }
+
     pub fn tracked(&self) -> usize {
         self.pending.len()
     }
@@ -370,6 +423,30 @@ mod tests {
         w.end(id, 2_300, true);
         assert!(w.stalled(9_000).is_empty(), "nothing in flight");
         assert_eq!(w.tracked(), 0);
+    }
+
+    #[test]
+    fn a_request_of_unknown_cluster_is_watched_as_any_other_once_its_cluster_is_read() {
+        let mut w = InFlight::new(100);
+        // A slow cluster: p99 64 ms, so its requests stall only past 256 ms.
+        for i in 0..50 {
+            answer(&mut w, C, i * 10, 40);
+        }
+        let id = w.begin_unrouted(7, 1_000).unwrap_or_default();
+        assert!(w.unrouted_waiting(1_100).is_empty(), "within the floor");
+        assert_eq!(w.unrouted_waiting(1_101), vec![(id, 7)], "its cluster is wanted");
+        assert!(w.stalled(5_000).is_empty(), "no cluster to compare with or sweep");
+        w.route(id, Some(C));
+        assert!(w.unrouted_waiting(1_200).is_empty());
+        assert!(w.stalled(1_256).is_empty(), "within the slow cluster's threshold");
+        assert_eq!(w.stalled(1_257).first().map(|s| s.cluster.as_str()), Some(C));
+        // One whose stream is gone by the time its cluster is asked for is dropped.
+        let gone = w.begin_unrouted(8, 2_000).unwrap_or_default();
+        w.route(gone, None);
+        assert_eq!(w.tracked(), 1);
+        let answered = w.begin_unrouted(9, 6_000).unwrap_or_default();
+        w.answered(answered);
+        assert!(w.unrouted_waiting(9_000).is_empty(), "an answered request waits for nothing");
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //! adapts proxy-wasm's callbacks to these methods.
 
 use crate::budget::RetryBudget;
+use crate::calm::{Calm, Path};
 use crate::clusters::ClusterMap;
 use crate::config::Config;
-use crate::decision::{decide, RequestFacts};
+use crate::decision::{decide, needs_decisions, RequestFacts};
 use crate::health::{attribute_steered, Applied, ClusterTable, Observation, Policy, Steered};
 use crate::host::{Host, Level, Map, MetricKind};
 use crate::inflight::InFlight;
@@ -65,6 +66,8 @@ struct Metrics {
     ejections: Option<u32>,
     /// Incremented on nearly every request: counted here, handed to Envoy once per tick.
     retries_added: Batched,
+    /// Requests that took the calm path; likewise handed over once per tick.
+    calm_requests: Batched,
     retries_denied: Option<u32>,
     retries_performed: Option<u32>,
     steered: Option<u32>,
@@ -91,6 +94,7 @@ impl Metrics {
         Self {
             ejections: counter("churn_guard.ejections"),
             retries_added: Batched { id: counter("churn_guard.retries_added"), pending: Cell::new(0) },
+            calm_requests: Batched { id: counter("churn_guard.calm_requests"), pending: Cell::new(0) },
             retries_denied: counter("churn_guard.retries_denied_budget"),
             retries_performed: counter("churn_guard.retries_performed"),
             steered: counter("churn_guard.steered"),
@@ -141,19 +145,28 @@ pub struct RequestState {
     watched: Option<u64>,
     /// The answer reached its end (headers, body or trailers ending the stream): nothing reset it.
     answered_in_full: bool,
+    /// Taken on the calm path: its cluster was not read, nothing was steered.
+    calm: bool,
+    /// The stream's proxy-wasm context, through which the tick can read its cluster.
+    context_id: u32,
+}
+
+impl RequestState {
+    pub fn new(context_id: u32) -> Self {
+        Self { context_id, ..Self::default() }
+    }
+}
+
+/// A stream's cluster from its attributes: `xds.cluster_name`, or the older `cluster_name`.
+fn cluster_of(property: impl Fn(&[&str]) -> Option<Vec<u8>>) -> Option<String> {
+    property(&["xds", "cluster_name"])
+        .and_then(properties::string)
+        .or_else(|| property(&["cluster_name"]).and_then(properties::string))
 }
 
 /// A small number unique to this VM among the workers, for the debug header.
 pub fn allocate_vm_id(store: &impl store::SharedStore) -> u32 {
-    (0..store::MAX_CAS_ATTEMPTS)
-        .find_map(|_| {
-            let (bytes, cas) = store.get(VM_SEQUENCE_KEY);
-            let current = bytes.and_then(|b| properties::int(&b)).unwrap_or(0);
-            let next = current.wrapping_add(1);
-            store.set(VM_SEQUENCE_KEY, &next.to_le_bytes(), cas).ok().map(|()| next)
-        })
-        .and_then(|n| u32::try_from(n).ok())
-        .unwrap_or(0)
+    store::increment(store, VM_SEQUENCE_KEY).and_then(|n| u32::try_from(n).ok()).unwrap_or(0)
 }
 
 /// Per-VM state shared by the root context and its HTTP contexts; replaced on reconfiguration.
@@ -181,6 +194,8 @@ pub struct Plugin<H: Host> {
     registered: RefCell<HashSet<String>>,
     /// The registry was full once; said once per VM, not per request.
     registry_full_logged: Cell<bool>,
+    /// Whether requests may skip the per-request work now (`calm`).
+    calm: RefCell<Calm>,
 }
 
 impl<H: Host> Plugin<H> {
@@ -202,6 +217,7 @@ impl<H: Host> Plugin<H> {
             clock_ms: Cell::new(0),
             registered: RefCell::new(HashSet::new()),
             registry_full_logged: Cell::new(false),
+            calm: RefCell::new(Calm::default()),
             host,
         }
     }
@@ -251,15 +267,16 @@ impl<H: Host> Plugin<H> {
 
     /// The cluster the request is routed to: known once the route is resolved.
     fn cluster_name(&self) -> Option<String> {
-        self.property_string(&["xds", "cluster_name"]).or_else(|| self.property_string(&["cluster_name"]))
+        cluster_of(|path| self.host.property(path))
     }
 
-    /// Counts an original request to `cluster` and returns the retries its budget allows now.
-    fn budget_deposit(&self, cluster: &str, now_ms: u64) -> u32 {
+    /// Counts `weight` original requests to `cluster` and returns the retries its budget allows
+    /// now.
+    fn budget_deposit(&self, cluster: &str, now_ms: u64, weight: u64) -> u32 {
         let mut budgets = self.budgets.borrow_mut();
         match budgets.get_or_insert_with(cluster, now_ms, || RetryBudget::new(&self.config.retry.budget)) {
             Some(b) => {
-                b.deposit(now_ms);
+                b.deposit(now_ms, weight);
                 b.available(now_ms)
             }
             None => 0,
@@ -327,6 +344,10 @@ impl<H: Host> Plugin<H> {
                         );
                     }
                 }
+                // Requests there are decided differently now: no calm anywhere.
+                if needs_decisions(&self.config, &table, now_ms) {
+                    self.trouble(now_ms);
+                }
                 self.remember(cluster, table, now_ms);
                 self.register(cluster, now_ms);
             }
@@ -351,6 +372,13 @@ impl<H: Host> Plugin<H> {
         self.log(Level::Warn, &format!("churn-guard: could not record observation for cluster {cluster}: {e:?}"));
     }
 
+    /// Something went wrong here: requests take the full path again, on every worker.
+    fn trouble(&self, now_ms: u64) {
+        if self.calm.borrow_mut().trouble(now_ms) && store::increment(&self.host, store::ALARM_KEY).is_none() {
+            self.log(Level::Warn, "churn-guard: could not raise the shared alarm; other workers may stay calm");
+        }
+    }
+
     /// Probes endpoints back from an ejection, each pinned to its endpoint with the override
     /// header, so they return to rotation (and end a fallback) only once they answer.
     fn probe(&self, now_ms: u64) {
@@ -372,6 +400,9 @@ impl<H: Host> Plugin<H> {
     fn sweep_stalled(&self, now_ms: u64) {
         let Some(watch) = &self.inflight else { return };
         let stalled = watch.borrow_mut().stalled(now_ms);
+        if !stalled.is_empty() {
+            self.trouble(now_ms);
+        }
         let ttl = self.config.ejection.endpoint_ttl_ms;
         for s in stalled {
             // Where stalled requests were steered is where they most likely wait: doubted at
@@ -478,38 +509,53 @@ impl<H: Host> Plugin<H> {
     /// of endpoints back from ejection.
     pub fn on_tick(&self) {
         let now = self.now();
+        self.calm.borrow_mut().alarm_read(store::counter(&self.host, store::ALARM_KEY), now);
         if self.periodic_ms.get().is_none_or(|at| now.saturating_sub(at) >= PERIODIC_MS) {
             self.periodic_ms.set(Some(now));
             self.debug.set(self.host.debug_enabled());
-            self.housekeeping(now);
+            let healthy = self.housekeeping(now);
+            self.calm.borrow_mut().settle(now, healthy && !self.config.debug_header);
             self.probe(now);
         }
+        self.route_waiting(now);
         self.sweep_stalled(now);
+    }
+
+    /// Calm requests still unanswered past the stall floor: their clusters are read now,
+    /// through their streams, so that the stall watch judges them as any other.
+    fn route_waiting(&self, now_ms: u64) {
+        let Some(watch) = &self.inflight else { return };
+        let waiting = watch.borrow().unrouted_waiting(now_ms);
+        for (id, context_id) in waiting {
+            let cluster = cluster_of(|path| self.host.stream_property(context_id, path));
+            watch.borrow_mut().route(id, cluster.as_deref());
+        }
     }
 
     /// Gauges over every cluster with a table in shared data, not just those this VM has served
     /// (all VMs, including the main thread's, which serves none, then report the same figures);
     /// shared state of clusters nobody routed to for the TTL is removed, and so is this VM's own.
-    fn housekeeping(&self, now_ms: u64) {
-        let added = &self.metrics.retries_added;
-        self.inc(added.id, added.pending.replace(0));
+    /// Returns whether every listed cluster's table would leave requests undecided, and no
+    /// request is stalled or explored away from: whether this VM may be calm.
+    fn housekeeping(&self, now_ms: u64) -> bool {
+        for batched in [&self.metrics.retries_added, &self.metrics.calm_requests] {
+            self.inc(batched.id, batched.pending.replace(0));
+        }
         let ttl = self.config.ejection.endpoint_ttl_ms;
         let (mut ejected, mut known) = (0, 0);
+        let mut undecided = true;
         let listed = store::clusters(&self.host);
         for cluster in &listed {
-            let cached = self.tables.borrow().contains(cluster);
-            let (e, k, expired) = if cached {
-                self.with_table(cluster, now_ms, |t| {
-                    let (e, k) = t.counts(now_ms, ttl);
-                    (e, k, t.is_expired(now_ms, ttl))
-                })
-            } else {
-                let t = store::load(&self.host, cluster);
+            let look = |t: &ClusterTable| {
                 let (e, k) = t.counts(now_ms, ttl);
-                (e, k, t.is_expired(now_ms, ttl))
+                (e, k, t.is_expired(now_ms, ttl), !needs_decisions(&self.config, t, now_ms))
             };
+            let cached = self.tables.borrow().contains(cluster);
+            let (e, k, expired, plain) =
+                if cached { self.with_table(cluster, now_ms, look) } else { look(&store::load(&self.host, cluster)) };
             ejected += e;
             known += k;
+            undecided &= plain;
             if expired {
                 match store::retire(&self.host, cluster, now_ms, ttl) {
                     Ok(true) => {
@@ -532,13 +578,17 @@ impl<H: Host> Plugin<H> {
         self.registered.borrow_mut().retain(|c| listed.contains(c));
         self.tables.borrow_mut().expire(now_ms, ttl);
         self.budgets.borrow_mut().expire(now_ms, ttl);
-        if let Some(watch) = &self.inflight {
-            watch.borrow_mut().expire(now_ms, ttl);
+        match &self.inflight {
+            Some(watch) => {
+                let mut watch = watch.borrow_mut();
+                watch.expire(now_ms, ttl);
+                undecided && watch.quiet(now_ms)
+            }
+            None => undecided,
         }
     }
 
     pub fn on_request_headers(&self, req: &mut RequestState) {
-        let now = self.now();
         // Header by header rather than the whole map: a header that is absent (most here) costs
         // no copy into the VM, and a present one costs the same whatever else the client sent.
         let header = |name: &str| self.host.header(Map::RequestHeaders, name);
@@ -550,24 +600,32 @@ impl<H: Host> Plugin<H> {
             }
         }
         self.inc(self.metrics.client_headers_removed, removed);
-        let Some(cluster) = self.cluster_name() else { return };
         let method = header(":method").unwrap_or_default();
         let method = method.as_str();
         let grpc = method == "POST" && header("content-type").is_some_and(|t| t.starts_with("application/grpc"));
         if grpc {
             req.grpc_status = Some(None);
         }
-        let inflight = self.inflight.as_ref().map(RefCell::borrow);
-        let facts = RequestFacts {
+        let mut facts = RequestFacts {
             grpc,
             method,
             has_retry_headers: RETRY_HEADERS.iter().any(|h| header(h).is_some()),
             // Someone trusted steers this request already.
             has_override_header: self.config.trust_client_headers
                 && self.config.endpoint_override.as_ref().is_some_and(|o| header(&o.header).is_some()),
-            exploration_paused: inflight.as_ref().is_some_and(|f| f.exploration_paused(&cluster, now)),
+            exploration_paused: false,
         };
-        let available = self.budget_deposit(&cluster, now);
+        // gRPC calls read their status anyway, and are judged by it at the end: the full path.
+        let path = if grpc { Path::Full { weight: 1 } } else { self.calm.borrow_mut().path(self.recent_clock()) };
+        let weight = match path {
+            Path::Calm => return self.calm_request(req, &facts),
+            Path::Full { weight } => weight,
+        };
+        let now = self.now();
+        let Some(cluster) = self.cluster_name() else { return };
+        let inflight = self.inflight.as_ref().map(RefCell::borrow);
+        facts.exploration_paused = inflight.as_ref().is_some_and(|f| f.exploration_paused(&cluster, now));
+        let available = self.budget_deposit(&cluster, now, weight);
         let load = |endpoint: &str| inflight.as_ref().map_or(0, |f| f.load(endpoint));
         let mut decision = self.with_table(&cluster, now, |t| {
             decide(&self.config, &facts, t, now, available, &mut self.rng.borrow_mut(), &load)
@@ -585,26 +643,8 @@ impl<H: Host> Plugin<H> {
         }
         drop(inflight);
 
+        self.write_retry_headers(&decision);
         let request = Map::RequestHeaders;
-        if let Some(plan) = &decision.retry {
-            let mut ok = self.set_header(request, "x-envoy-retry-on", Some(plan.retry_on))
-                && self.set_header(request, "x-envoy-max-retries", Some(&plan.max_retries.to_string()));
-            if let Some(codes) = plan.status_codes {
-                ok &= self.set_header(request, "x-envoy-retriable-status-codes", Some(codes));
-            }
-            if let Some(conditions) = plan.grpc_retry_on {
-                ok &= self.set_header(request, "x-envoy-retry-grpc-on", Some(conditions));
-            }
-            if let Some(ms) = plan.per_try_timeout_ms {
-                ok &= self.set_header(request, "x-envoy-upstream-rq-per-try-timeout-ms", Some(&ms.to_string()));
-            }
-            if ok {
-                self.metrics.retries_added.add(1);
-            }
-        }
-        if decision.budget_exhausted {
-            self.inc(self.metrics.retries_denied, 1);
-        }
         if let (false, Some(o)) = (decision.steer.is_empty(), &self.config.endpoint_override) {
             if self.set_header(request, &o.header, Some(&decision.steer.join(","))) {
                 self.inc(self.metrics.steered, 1);
@@ -635,6 +675,48 @@ impl<H: Host> Plugin<H> {
             );
         }
         req.cluster = Some(cluster);
+    }
+
+    /// A request while calm: decided as one to a cluster nothing is known of, which is what
+    /// every cluster's table looked like at the last look and what no trouble has changed
+    /// since. Nothing is read but the method (and the headers that everything reads).
+    fn calm_request(&self, req: &mut RequestState, facts: &RequestFacts<'_>) {
+        req.calm = true;
+        self.metrics.calm_requests.add(1);
+        // The stall watch needs when the request began; the clock costs no copy.
+        let now = if self.inflight.is_some() { self.now() } else { self.recent_clock() };
+        // No budget lookup without the cluster: calm means no retry (each one ends the calm)
+        // for `CALM_AFTER_MS`, so every budget holds at least its floor; the requests already
+        // under way when trouble starts get their retries up front, as on the full path.
+        let decision =
+            decide(&self.config, facts, &ClusterTable::default(), now, u32::MAX, &mut self.rng.borrow_mut(), &|_| 0);
+        self.write_retry_headers(&decision);
+        if let Some(watch) = &self.inflight {
+            req.watched = watch.borrow_mut().begin_unrouted(req.context_id, now);
+        }
+    }
+
+    fn write_retry_headers(&self, decision: &crate::decision::Decision<'_>) {
+        let request = Map::RequestHeaders;
+        if let Some(plan) = &decision.retry {
+            let mut ok = self.set_header(request, "x-envoy-retry-on", Some(plan.retry_on))
+                && self.set_header(request, "x-envoy-max-retries", Some(&plan.max_retries.to_string()));
+            if let Some(codes) = plan.status_codes {
+                ok &= self.set_header(request, "x-envoy-retriable-status-codes", Some(codes));
+            }
+            if let Some(conditions) = plan.grpc_retry_on {
+                ok &= self.set_header(request, "x-envoy-retry-grpc-on", Some(conditions));
+            }
+            if let Some(ms) = plan.per_try_timeout_ms {
+                ok &= self.set_header(request, "x-envoy-upstream-rq-per-try-timeout-ms", Some(&ms.to_string()));
+            }
+            if ok {
+                self.metrics.retries_added.add(1);
+            }
+        }
+        if decision.budget_exhausted {
+            self.inc(self.metrics.retries_denied, 1);
+        }
     }
 
     pub fn on_response_headers(&self, req: &mut RequestState, end_of_stream: bool) {
@@ -695,6 +777,14 @@ impl<H: Host> Plugin<H> {
     }
 
     pub fn on_log(&self, req: &mut RequestState) {
+        // A calm request answered in full is left to the samples: even whether it needed a
+        // retry would cost a copy. One whose answer was cut is looked at in full.
+        if req.calm && req.answered_in_full {
+            if let (Some(id), Some(watch)) = (req.watched.take(), &self.inflight) {
+                watch.borrow_mut().end(id, self.recent_clock(), true);
+            }
+            return;
+        }
         // The route only changes cluster when the fallback header re-routed it.
         // on_log is the request's last callback: take the name rather than copy it.
         let routed = req.cluster.take();
@@ -743,6 +833,9 @@ impl<H: Host> Plugin<H> {
         self.inc(self.metrics.retries_performed, u64::from(retries));
 
         let outcome = if plain_success { Outcome::Success } else { classify(status, flags, address.is_some()) };
+        if retries > 0 || matches!(outcome, Outcome::Failure(_) | Outcome::NoUpstream) {
+            self.trouble(now);
+        }
         let mut observations = Vec::with_capacity(req.steered.len() + 2);
         let steered_here = !req.steered.is_empty() && !req.fell_back;
         let mut attributed = 0u32;
@@ -848,23 +941,157 @@ mod tests {
         store::load(&p.host().store, CLUSTER)
     }
 
-    #[test]
-    fn a_healthy_request_costs_a_few_host_calls_and_no_shared_data() {
-        let p = plugin("{}");
+    fn calls(p: &Plugin<FakeHost>) -> HashMap<&'static str, u32> {
+        p.host().calls.borrow().clone()
+    }
+
+    /// A VM that has looked at the shared tables on its tick and found nothing wrong.
+    fn calm_plugin(config: &str) -> Plugin<FakeHost> {
+        let p = plugin(config);
         p.host().debug.set(false);
         p.on_tick();
+        assert!(p.calm.borrow().is_calm());
+        p
+    }
+
+    #[test]
+    fn while_calm_a_healthy_request_costs_the_method_and_the_retry_headers() {
+        let p = calm_plugin("{}");
+        served(&p, A); // the first request after a tick takes the full path
+        p.host().reset_calls();
+        let mut req = get(&p);
+        assert!(req.calm && req.cluster.is_none());
+        p.on_response_headers(&mut req, true);
+        finish(&p, &mut req, 200, 0, A, 1);
+        // The method and three retry headers a client might have set; three retry headers
+        // written. No clock, no cluster, no shared data, nothing of the answer.
+        let expected: HashMap<&str, u32> = [("get_map_value", 4), ("set_map_value", 3)].into();
+        assert_eq!(calls(&p), expected);
+        let written = p.host().map(Map::RequestHeaders);
+        assert!(written.iter().any(|(k, v)| k == "x-envoy-max-retries" && v == "10"), "{written:?}");
+    }
+
+    #[test]
+    fn a_request_on_the_full_path_costs_a_few_host_calls_more_and_no_shared_data() {
+        let p = plugin("{}"); // not calm before its first tick
+        p.debug.set(false);
         served(&p, A);
         p.host().advance(1);
         p.host().reset_calls();
         served(&p, A);
-        let calls = p.host().calls.borrow().clone();
         // The clock once; the method and three retry headers a client might have set; the
         // route's cluster; three retry headers written; status and attempts of the finished
         // request, but neither its flags (it was answered in full) nor where a success was
         // served, just learnt.
         let expected: HashMap<&str, u32> =
             [("get_current_time", 1), ("get_map_value", 4), ("get_property", 3), ("set_map_value", 3)].into();
-        assert_eq!(calls, expected);
+        assert_eq!(calls(&p), expected);
+    }
+
+    #[test]
+    fn while_calm_a_sample_of_requests_takes_the_full_path_and_feeds_the_budget_for_all() {
+        let p = calm_plugin(r#"{"retry":{"budget":{"ratio":1.0,"minRetriesPerSecond":0}}}"#);
+        let full: Vec<bool> = (0..(2 * crate::calm::SAMPLE_EVERY)).map(|_| get(&p).cluster.is_some()).collect();
+        assert_eq!(full.iter().filter(|f| **f).count(), 2, "{full:?}");
+        // Every request counted, calm ones through the sample that stands for them; the full
+        // request below is counted as well.
+        let available = p.budget_deposit(CLUSTER, p.recent_clock(), 1);
+        assert_eq!(available, u32::try_from(2 * crate::calm::SAMPLE_EVERY + 1).unwrap_or(0));
+    }
+
+    #[test]
+    fn a_sampled_request_that_needed_a_retry_ends_the_calm_everywhere() {
+        let p = calm_plugin("{}");
+        served(&p, A);
+        let alarm = store::counter(&p.host().store, store::ALARM_KEY);
+        // Every request needs a retry now; calm ones are not looked at, the next sample is.
+        let mut calm = 0;
+        while p.calm.borrow().is_calm() {
+            let mut req = get(&p);
+            calm += u64::from(req.calm);
+            p.on_response_headers(&mut req, true);
+            finish(&p, &mut req, 200, 0, B, 2);
+            assert!(calm < crate::calm::SAMPLE_EVERY, "no sample in {calm} requests");
+        }
+        assert_eq!(p.host().metric("retries_performed"), 1, "the sample's retry, charged to its cluster");
+        assert_eq!(store::counter(&p.host().store, store::ALARM_KEY), alarm + 1, "the other workers are told");
+        assert!(get(&p).cluster.is_some(), "the next request takes the full path");
+        // A calm request whose answer never reached its end is looked at in full at once.
+        let p = calm_plugin("{}");
+        served(&p, A);
+        let mut req = get(&p);
+        assert!(req.calm);
+        finish(&p, &mut req, 503, ResponseFlags::UPSTREAM_CONNECTION_FAILURE, B, 1);
+        assert_eq!(p.host().metric("failures.connect_failure"), 1);
+        assert!(!p.calm.borrow().is_calm());
+    }
+
+    #[test]
+    fn another_workers_alarm_ends_the_calm_and_calm_returns_after_a_quiet_while() {
+        let p = calm_plugin("{}");
+        served(&p, A);
+        assert!(get(&p).calm);
+        // Another worker met trouble.
+        let _ = store::increment(&p.host().store, store::ALARM_KEY);
+        p.host().advance(TICK_MS);
+        p.on_tick();
+        assert!(get(&p).cluster.is_some() && get(&p).cluster.is_some(), "full path for every request");
+        let mut t = 0;
+        while !p.calm.borrow().is_calm() {
+            p.host().advance(TICK_MS);
+            p.on_tick();
+            t += TICK_MS;
+            assert!(t <= crate::calm::CALM_AFTER_MS + PERIODIC_MS, "still not calm after {t} ms");
+        }
+        assert!(t >= crate::calm::CALM_AFTER_MS - TICK_MS, "calm again after {t} ms");
+    }
+
+    #[test]
+    fn a_table_that_needs_decisions_keeps_the_vm_off_the_calm_path() {
+        let p = calm_plugin(STEERING);
+        // Another worker ejected an endpoint, and its alarm was lost.
+        let policy = Policy::from_config(&p.config);
+        let now = p.host().clock_ms.get();
+        let _ = store::update(&p.host().store, CLUSTER, now, |t| {
+            let mut applied = Applied::default();
+            for _ in 0..5 {
+                let a = t.apply(&Observation::Failure(A, FailureKind::ConnectFailure), now, &policy, 0);
+                applied.ejected.extend(a.ejected);
+            }
+            applied
+        });
+        assert!(table(&p).is_ejected(A, now));
+        p.host().advance(PERIODIC_MS);
+        p.on_tick();
+        assert!(!p.calm.borrow().is_calm());
+    }
+
+    #[test]
+    fn a_calm_request_left_unanswered_has_its_cluster_read_and_swept_and_ends_the_calm() {
+        let p = calm_plugin(r#"{"endpointOverride":{"exploreRatio":0,"stallAfterMs":250}}"#);
+        for a in [A, B] {
+            served(&p, a); // full paths, one after each tick
+            p.host().advance(TICK_MS);
+            p.on_tick();
+        }
+        served(&p, A); // the tick's sample
+        let mut hung = RequestState::new(42);
+        p.host().set_map(Map::RequestHeaders, &[(":method", "GET")]);
+        p.on_request_headers(&mut hung);
+        assert!(hung.calm && hung.cluster.is_none());
+        p.host().stream_properties.borrow_mut().insert((42, "xds.cluster_name".into()), CLUSTER.as_bytes().to_vec());
+        p.host().advance(250);
+        p.on_tick();
+        assert!(p.host().dispatched.borrow().is_empty() && p.calm.borrow().is_calm(), "within the floor");
+        p.host().advance(1);
+        p.on_tick();
+        let probed: Vec<String> = p.host().dispatched.borrow().iter().filter_map(|(_, h)| override_target(h)).collect();
+        assert_eq!(probed.len(), 2, "the cluster it waits at is swept: {probed:?}");
+        assert_eq!(p.host().metric("stall_sweeps"), 1);
+        assert!(!p.calm.borrow().is_calm());
+        let next = get(&p);
+        assert!(next.cluster.is_some() && next.watched.is_some(), "watched by cluster from now on");
+        drop(hung);
     }
 
     #[test]
