@@ -280,8 +280,8 @@ async fn paired_costs(scenario: &Scenario) -> anyhow::Result<String> {
         "\n## S3c the filter's own cost, paired\n\nEach configuration and the no-op filter on the same \
          gateway, both loaded at once ({} clients each) for {PAIRS} slices of {} s; medians over the slices. \
          `wasm-retry-floor` makes only the host calls any filter that retries by request headers and learns \
-         from answers needs (the method; `x-envoy-retry-on` and `x-envoy-max-retries`; status and attempt \
-         count): the floor for churn-guard's own cost. \
+         from every answer needs (the method; `x-envoy-retry-on` and `x-envoy-max-retries`; status and attempt \
+         count); churn-guard's calm path reads no answer. \
          Command: `churn-lab compare --other VARIANT --base BASE --simultaneous --pairs {PAIRS} --seconds {}`.\n\n\
          | configuration | against | throughput, side by side | ≥ 85% | Envoy CPU per request | the filter's own |\n\
          |---|---|---:|---|---:|---:|\n",

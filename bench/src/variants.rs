@@ -29,7 +29,7 @@ pub enum Variant {
     /// what the recipe's Envoy configuration costs before churn-guard does anything.
     WasmNoopFallback,
     /// A filter that only retries by request headers and reads each answer's status and attempt
-    /// count: the least churn-guard's host calls can cost.
+    /// count: what learning from every answer costs, which churn-guard's calm path does not do.
     WasmRetryFloor,
 }
 

@@ -1,7 +1,8 @@
 //! The host calls any filter needs that retries idempotent requests by request headers and
 //! learns from the answers, and nothing else: read the method, write `x-envoy-retry-on` and
 //! `x-envoy-max-retries`, read the status and the attempt count once the request is done.
-//! What it costs over `wasm-noop` is the floor for churn-guard's own cost on a healthy request.
+//! What it costs over `wasm-noop` is what learning from every answer costs; churn-guard's calm
+//! path, which reads no answer and samples instead, is meant to cost less.
 
 #[cfg(target_os = "wasi")]
 mod filter {
