@@ -35,9 +35,11 @@ pub struct Config {
     /// Add an `x-churn-guard` response header describing the decision (exposes endpoint addresses;
     /// meant for debugging and tests).
     pub debug_header: bool,
-    /// Keep the override and fallback headers that arrive with a request. Off by default: they
-    /// steer routing, and any client could otherwise pin a pod or force Service routing. Turn it
-    /// on only where a trusted hop (a mesh) sets them on purpose.
+    /// Keep the override and fallback headers that arrive with a request, and leave a request
+    /// that carries its own retry headers to them. Off by default: they steer routing and
+    /// retries, and any client Envoy keeps `x-envoy-*` headers from could otherwise pin a pod,
+    /// force Service routing or retry past the budget. Turn it on only where a trusted hop (a
+    /// mesh) sets them on purpose.
     pub trust_client_headers: bool,
 }
 

@@ -15,7 +15,8 @@ const RETRY_ON_IDEMPOTENT_NO_CODES: &str = "connect-failure,refused-stream,reset
 #[derive(Debug, Clone, Copy)]
 pub struct RequestFacts<'a> {
     pub method: &'a str,
-    /// The request already carries `x-envoy-retry-on`, `x-envoy-retry-grpc-on` or `x-envoy-max-retries`.
+    /// The request already carries `x-envoy-retry-on`, `x-envoy-retry-grpc-on` or
+    /// `x-envoy-max-retries`, from a client the configuration trusts.
     pub has_retry_headers: bool,
     /// The request already carries the override header (someone else steers it).
     pub has_override_header: bool,

@@ -196,6 +196,9 @@ pub struct Plugin<H: Host> {
     registry_full_logged: Cell<bool>,
     /// Whether requests may skip the per-request work now (`calm`).
     calm: RefCell<Calm>,
+    /// Retries a calm request may get, whose cluster is not looked up: what the tightest
+    /// budget allowed at the last look (a budget that never grants keeps it at 0).
+    calm_retry_cap: Cell<u32>,
 }
 
 impl<H: Host> Plugin<H> {
@@ -218,6 +221,7 @@ impl<H: Host> Plugin<H> {
             registered: RefCell::new(HashSet::new()),
             registry_full_logged: Cell::new(false),
             calm: RefCell::new(Calm::default()),
+            calm_retry_cap: Cell::new(0),
             host,
         }
     }
@@ -578,6 +582,12 @@ impl<H: Host> Plugin<H> {
         self.registered.borrow_mut().retain(|c| listed.contains(c));
         self.tables.borrow_mut().expire(now_ms, ttl);
         self.budgets.borrow_mut().expire(now_ms, ttl);
+        let budgets = self.budgets.borrow();
+        let idle = RetryBudget::new(&self.config.retry.budget).available(now_ms);
+        let tightest =
+            budgets.clusters().filter_map(|c| budgets.get(c)).map(|b| b.available(now_ms)).fold(idle, u32::min);
+        self.calm_retry_cap.set(tightest);
+        drop(budgets);
         match &self.inflight {
             Some(watch) => {
                 let mut watch = watch.borrow_mut();
@@ -609,7 +619,9 @@ impl<H: Host> Plugin<H> {
         let mut facts = RequestFacts {
             grpc,
             method,
-            has_retry_headers: RETRY_HEADERS.iter().any(|h| header(h).is_some()),
+            // A client's own retry headers count only where clients are trusted; elsewhere the
+            // filter's budgeted policy replaces them (`write_retry_headers`).
+            has_retry_headers: self.config.trust_client_headers && RETRY_HEADERS.iter().any(|h| header(h).is_some()),
             // Someone trusted steers this request already.
             has_override_header: self.config.trust_client_headers
                 && self.config.endpoint_override.as_ref().is_some_and(|o| header(&o.header).is_some()),
@@ -643,7 +655,7 @@ impl<H: Host> Plugin<H> {
         }
         drop(inflight);
 
-        self.write_retry_headers(&decision);
+        self.write_retry_headers(&decision, facts.grpc);
         let request = Map::RequestHeaders;
         if let (false, Some(o)) = (decision.steer.is_empty(), &self.config.endpoint_override) {
             if self.set_header(request, &o.header, Some(&decision.steer.join(","))) {
@@ -685,18 +697,22 @@ impl<H: Host> Plugin<H> {
         self.metrics.calm_requests.add(1);
         // The stall watch needs when the request began; the clock costs no copy.
         let now = if self.inflight.is_some() { self.now() } else { self.recent_clock() };
-        // No budget lookup without the cluster: calm means no retry (each one ends the calm)
-        // for `CALM_AFTER_MS`, so every budget holds at least its floor; the requests already
-        // under way when trouble starts get their retries up front, as on the full path.
+        // No budget lookup without the cluster: calm means no retry was seen for
+        // `CALM_AFTER_MS`, so the tightest budget at the last look stands for all; the requests
+        // already under way when trouble starts get their retries up front, as on the full path.
+        let cap = self.calm_retry_cap.get();
         let decision =
-            decide(&self.config, facts, &ClusterTable::default(), now, u32::MAX, &mut self.rng.borrow_mut(), &|_| 0);
-        self.write_retry_headers(&decision);
+            decide(&self.config, facts, &ClusterTable::default(), now, cap, &mut self.rng.borrow_mut(), &|_| 0);
+        self.write_retry_headers(&decision, facts.grpc);
         if let Some(watch) = &self.inflight {
             req.watched = watch.borrow_mut().begin_unrouted(req.context_id, now);
         }
     }
 
-    fn write_retry_headers(&self, decision: &crate::decision::Decision<'_>) {
+    /// Writes the retry plan over whatever retry headers the request came with. Without a plan
+    /// because the budget is spent, an untrusted client's own retry headers are removed, so
+    /// that no caller Envoy keeps `x-envoy-*` headers from can retry past the budget.
+    fn write_retry_headers(&self, decision: &crate::decision::Decision<'_>, grpc: bool) {
         let request = Map::RequestHeaders;
         if let Some(plan) = &decision.retry {
             let mut ok = self.set_header(request, "x-envoy-retry-on", Some(plan.retry_on))
@@ -704,8 +720,10 @@ impl<H: Host> Plugin<H> {
             if let Some(codes) = plan.status_codes {
                 ok &= self.set_header(request, "x-envoy-retriable-status-codes", Some(codes));
             }
-            if let Some(conditions) = plan.grpc_retry_on {
-                ok &= self.set_header(request, "x-envoy-retry-grpc-on", Some(conditions));
+            // A gRPC call replayed on a status it may have run after: only on the configured
+            // statuses, never on a client's.
+            if plan.grpc_retry_on.is_some() || (grpc && !self.config.trust_client_headers) {
+                ok &= self.set_header(request, "x-envoy-retry-grpc-on", plan.grpc_retry_on);
             }
             if let Some(ms) = plan.per_try_timeout_ms {
                 ok &= self.set_header(request, "x-envoy-upstream-rq-per-try-timeout-ms", Some(&ms.to_string()));
@@ -716,6 +734,11 @@ impl<H: Host> Plugin<H> {
         }
         if decision.budget_exhausted {
             self.inc(self.metrics.retries_denied, 1);
+            if !self.config.trust_client_headers {
+                for name in RETRY_HEADERS {
+                    self.set_header(request, name, None);
+                }
+            }
         }
     }
 
@@ -963,9 +986,9 @@ mod tests {
         assert!(req.calm && req.cluster.is_none());
         p.on_response_headers(&mut req, true);
         finish(&p, &mut req, 200, 0, A, 1);
-        // The method and three retry headers a client might have set; three retry headers
-        // written. No clock, no cluster, no shared data, nothing of the answer.
-        let expected: HashMap<&str, u32> = [("get_map_value", 4), ("set_map_value", 3)].into();
+        // The method; three retry headers written. No clock, no cluster, no shared data,
+        // nothing of the answer.
+        let expected: HashMap<&str, u32> = [("get_map_value", 1), ("set_map_value", 3)].into();
         assert_eq!(calls(&p), expected);
         let written = p.host().map(Map::RequestHeaders);
         assert!(written.iter().any(|(k, v)| k == "x-envoy-max-retries" && v == "10"), "{written:?}");
@@ -979,12 +1002,11 @@ mod tests {
         p.host().advance(1);
         p.host().reset_calls();
         served(&p, A);
-        // The clock once; the method and three retry headers a client might have set; the
-        // route's cluster; three retry headers written; status and attempts of the finished
-        // request, but neither its flags (it was answered in full) nor where a success was
-        // served, just learnt.
+        // The clock once; the method; the route's cluster; three retry headers written; status
+        // and attempts of the finished request, but neither its flags (it was answered in
+        // full) nor where a success was served, just learnt.
         let expected: HashMap<&str, u32> =
-            [("get_current_time", 1), ("get_map_value", 4), ("get_property", 3), ("set_map_value", 3)].into();
+            [("get_current_time", 1), ("get_map_value", 1), ("get_property", 3), ("set_map_value", 3)].into();
         assert_eq!(calls(&p), expected);
     }
 
@@ -997,6 +1019,16 @@ mod tests {
         // request below is counted as well.
         let available = p.budget_deposit(CLUSTER, p.recent_clock(), 1);
         assert_eq!(available, u32::try_from(2 * crate::calm::SAMPLE_EVERY + 1).unwrap_or(0));
+    }
+
+    #[test]
+    fn calm_requests_get_no_more_retries_than_the_tightest_budget_allowed() {
+        let p = calm_plugin(r#"{"retry":{"budget":{"ratio":0,"minRetriesPerSecond":0}}}"#);
+        served(&p, A);
+        let req = get(&p);
+        assert!(req.calm);
+        assert_eq!(sent(&p, "x-envoy-max-retries"), None, "a budget that never grants");
+        assert_eq!(p.host().metric("retries_denied_budget"), 2);
     }
 
     #[test]
@@ -1393,6 +1425,44 @@ mod tests {
         p.on_tick();
         assert_eq!(p.host().metric("stall_sweeps"), 0);
         assert!(p.host().dispatched.borrow().is_empty());
+    }
+
+    fn sent(p: &Plugin<FakeHost>, name: &str) -> Option<String> {
+        p.host().map(Map::RequestHeaders).into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    }
+
+    const CLIENT_RETRIES: [(&str, &str); 4] = [
+        (":method", "GET"),
+        ("x-envoy-retry-on", "5xx"),
+        ("x-envoy-max-retries", "50"),
+        ("x-envoy-retry-grpc-on", "internal"),
+    ];
+
+    #[test]
+    fn a_clients_retry_headers_give_way_to_the_budgeted_policy_unless_clients_are_trusted() {
+        // Budgeted: the filter's policy replaces the client's.
+        let p = plugin("{}");
+        let _ = start(&p, &CLIENT_RETRIES);
+        assert_eq!(sent(&p, "x-envoy-max-retries").as_deref(), Some("10"));
+        assert_eq!(sent(&p, "x-envoy-retry-on").as_deref(), Some(crate::decision::RETRY_ON_IDEMPOTENT));
+        // Budget spent: the client's are removed, not left to retry past it.
+        let p = plugin(r#"{"retry":{"budget":{"ratio":0,"minRetriesPerSecond":0}}}"#);
+        let _ = start(&p, &CLIENT_RETRIES);
+        assert_eq!(p.host().metric("retries_denied_budget"), 1);
+        for name in RETRY_HEADERS {
+            assert_eq!(sent(&p, name), None, "{name} left to the client");
+        }
+        // A gRPC call is replayed on the configured statuses only.
+        let p = plugin(r#"{"retry":{"grpcRetryOn":[]}}"#);
+        let call = [(":method", "POST"), ("content-type", "application/grpc"), ("x-envoy-retry-grpc-on", "internal")];
+        let _ = start(&p, &call);
+        assert_eq!(sent(&p, "x-envoy-retry-grpc-on"), None);
+        // Trusted (a mesh sets them on purpose): left alone, not even looked at again.
+        let p = plugin(r#"{"trustClientHeaders":true}"#);
+        let _ = start(&p, &CLIENT_RETRIES);
+        assert_eq!(sent(&p, "x-envoy-max-retries").as_deref(), Some("50"));
+        assert_eq!(sent(&p, "x-envoy-retry-on").as_deref(), Some("5xx"));
+        assert_eq!(p.host().calls.borrow().get("set_map_value"), None);
     }
 
     fn override_target(headers: &[(String, String)]) -> Option<String> {

@@ -94,6 +94,10 @@ pub struct GatewaySpec {
     /// Talk HTTP/2 to the endpoints, as Envoy Gateway does for GRPCRoute backends (and
     /// Backends with `appProtocol: kubernetes.io/h2c`).
     pub upstream_http2: bool,
+    /// Count loopback clients as internal (HCM `internalAddressConfig`), as a mesh or an
+    /// in-cluster caller would be: Envoy then keeps the `x-envoy-*` headers they send, which it
+    /// strips from external clients.
+    pub internal_callers: bool,
 }
 
 fn lb_least_request() -> Value {
@@ -263,6 +267,10 @@ pub fn listener(dir: &Path, spec: &GatewaySpec) -> Value {
     });
     if let Some(log) = access_log {
         listener["defaultFilterChain"]["filters"][0]["typedConfig"]["accessLog"] = log;
+    }
+    if spec.internal_callers {
+        listener["defaultFilterChain"]["filters"][0]["typedConfig"]["internalAddressConfig"] =
+            json!({"cidrRanges": [{"addressPrefix": "127.0.0.0", "prefixLen": 8}]});
     }
     listener
 }

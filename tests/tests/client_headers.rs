@@ -1,9 +1,10 @@
-//! Headers that steer routing are the filter's to set, not the client's: a client that names a
-//! pod in the override header, or sends the fallback header, changes nothing, unless the
-//! configuration trusts clients (a mesh that sets them on purpose).
+//! Headers that steer routing or retries are the filter's to set, not the client's: a client
+//! that names a pod in the override header, sends the fallback header or asks for its own
+//! retries changes nothing, unless the configuration trusts clients (a mesh that sets them on
+//! purpose).
 
 use harness::gateway::{FallbackRoute, GatewaySpec};
-use harness::upstream::Upstream;
+use harness::upstream::{Mode, Upstream};
 use harness::{client, Lab};
 
 const OVERRIDE_HEADER: &str = "x-gateway-destination-endpoint";
@@ -65,5 +66,34 @@ async fn a_trusting_configuration_keeps_them() -> anyhow::Result<()> {
     assert_eq!((o.pinned, o.others), (60, 0), "the trusted override header was not honoured");
     assert_eq!(o.service, 20, "the trusted fallback header was not honoured");
     assert_eq!(o.removed, 0);
+    Ok(())
+}
+
+/// Upstream attempts for one GET carrying a client's `x-envoy-retry-on: 5xx` and
+/// `x-envoy-max-retries: 5`, to a pod that answers 503, from a caller Envoy counts as internal
+/// (so Envoy keeps its `x-envoy-*` headers), with a retry budget that allows none.
+async fn attempts_with_client_retry_headers(trust: bool) -> anyhow::Result<u64> {
+    let sick = Upstream::start("pod-sick").await?;
+    sick.set_mode(Mode::Unavailable);
+    let spec = GatewaySpec { internal_callers: true, ..GatewaySpec::default() };
+    let trust = if trust { r#","trustClientHeaders":true"# } else { "" };
+    let config = format!(r#"{{"retry":{{"budget":{{"ratio":0,"minRetriesPerSecond":0}}}}{trust}}}"#);
+    let lab = Lab::start(spec, Some(&config), &[sick.addr], &[]).await?;
+    let resp =
+        client().get(lab.url("/")).header("x-envoy-retry-on", "5xx").header("x-envoy-max-retries", "5").send().await?;
+    assert_eq!(resp.status(), 503);
+    Ok(sick.hits())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_retry_headers_cannot_retry_past_the_budget() -> anyhow::Result<()> {
+    assert_eq!(attempts_with_client_retry_headers(false).await?, 1, "the client's headers retried past a spent budget");
+    Ok(())
+}
+
+/// The test above can fail: a trusting configuration leaves them to Envoy, which retries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusting_configuration_leaves_a_clients_retry_headers_to_envoy() -> anyhow::Result<()> {
+    assert_eq!(attempts_with_client_retry_headers(true).await?, 6, "Envoy dropped the internal caller's headers");
     Ok(())
 }
