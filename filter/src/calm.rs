@@ -1,14 +1,14 @@
 //! Whether a VM may skip a request's per-request work because nothing it, or any other worker,
 //! has seen lately calls for it.
 //!
-//! While calm, a request costs what retrying it needs: the method, the retry headers, and at
-//! its end the attempt count. It does not read its route's cluster, the clock or a shared
-//! table, and it is decided as a request to a cluster with nothing known against it is. One
-//! request in `SAMPLE_EVERY`, and the first after each clock step, still takes the full path,
-//! so budgets and tables go on learning. A retry, a failure or a stall ends the calm at once;
-//! so does a shared alarm that any worker raises when it meets trouble, and any shared table
-//! that would change a decision. Calm returns once nothing has gone wrong for
-//! `CALM_AFTER_MS`.
+//! While calm, a request costs what retrying it needs: the method and the retry headers. It
+//! does not read its route's cluster, a shared table or anything of its answer, and it is
+//! decided as a request to a cluster with nothing known against it is. One request in
+//! `SAMPLE_EVERY`, and the first once the clock has moved on `SAMPLE_MS`, still takes the full
+//! path, so budgets and tables go on learning. A retry or failure seen there, an answer cut
+//! short or a stall ends the calm at once; so does a shared alarm that any worker raises when
+//! it meets trouble, and any shared table that would change a decision. Calm returns once
+//! nothing has gone wrong for `CALM_AFTER_MS`.
 
 /// How long after the last trouble a VM stays on the full path.
 pub const CALM_AFTER_MS: u64 = 10_000;
