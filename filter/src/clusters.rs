@@ -63,6 +63,10 @@ impl<T> ClusterMap<T> {
         self.slots.keys().map(String::as_str)
     }
 
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.slots.values().map(|s| &s.value)
+    }
+
     pub fn len(&self) -> usize {
         self.slots.len()
     }

@@ -164,11 +164,14 @@ impl InFlight {
     /// A request to `cluster` started, steered first to `endpoint` if any; `None` when too many
     /// are tracked already.
     pub fn begin(&mut self, cluster: &str, endpoint: Option<&str>, now_ms: u64) -> Option<u64> {
-        if self.pending.len() >= MAX_TRACKED {
-            return None;
-        }
-        self.next_id = self.next_id.wrapping_add(1);
-        let id = self.next_id;
+        let id = self.track(Pending {
+            cluster: Some(cluster.to_string()),
+            context_id: 0,
+            endpoint: endpoint.map(str::to_string),
+            started_ms: now_ms,
+            answered: false,
+            reported: false,
+        })?;
         if let Some(e) = endpoint {
             match self.load.get_mut(e) {
                 Some(n) => *n = n.saturating_add(1),
@@ -177,30 +180,30 @@ impl InFlight {
                 }
             }
         }
-        let pending = Pending {
-            cluster: Some(cluster.to_string()),
-            context_id: 0,
-            endpoint: endpoint.map(str::to_string),
-            started_ms: now_ms,
-            answered: false,
-            reported: false,
-        };
-        self.pending.insert(id, pending);
         Some(id)
     }
 
     /// A request whose cluster is not known (begun while calm), in proxy-wasm context
     /// `context_id`: its cluster is read only if it waits past the floor (`unrouted_waiting`).
     pub fn begin_unrouted(&mut self, context_id: u32, now_ms: u64) -> Option<u64> {
+        self.track(Pending {
+            cluster: None,
+            endpoint: None,
+            context_id,
+            started_ms: now_ms,
+            answered: false,
+            reported: false,
+        })
+    }
+
+    /// Gives `pending` an id; `None` when too many are tracked already.
+    fn track(&mut self, pending: Pending) -> Option<u64> {
         if self.pending.len() >= MAX_TRACKED {
             return None;
         }
         self.next_id = self.next_id.wrapping_add(1);
-        let id = self.next_id;
-        let pending =
-            Pending { cluster: None, endpoint: None, context_id, started_ms: now_ms, answered: false, reported: false };
-        self.pending.insert(id, pending);
-        Some(id)
+        self.pending.insert(self.next_id, pending);
+        Some(self.next_id)
     }
 
     /// Requests of unknown cluster unanswered past the floor, as (id, context): their clusters

@@ -582,12 +582,9 @@ impl<H: Host> Plugin<H> {
         self.registered.borrow_mut().retain(|c| listed.contains(c));
         self.tables.borrow_mut().expire(now_ms, ttl);
         self.budgets.borrow_mut().expire(now_ms, ttl);
-        let budgets = self.budgets.borrow();
         let idle = RetryBudget::new(&self.config.retry.budget).available(now_ms);
-        let tightest =
-            budgets.clusters().filter_map(|c| budgets.get(c)).map(|b| b.available(now_ms)).fold(idle, u32::min);
+        let tightest = self.budgets.borrow().values().map(|b| b.available(now_ms)).fold(idle, u32::min);
         self.calm_retry_cap.set(tightest);
-        drop(budgets);
         match &self.inflight {
             Some(watch) => {
                 let mut watch = watch.borrow_mut();
