@@ -98,8 +98,13 @@ pub struct RetryConfig {
     /// The gRPC services behind this route are idempotent: a call reset after it was sent is
     /// retried too, as GETs are. Off by default: a reset call may have run.
     pub grpc_idempotent: bool,
-    /// `retriable_status_codes` as the `x-envoy-retriable-status-codes` value, joined once at
-    /// configure time rather than on every request.
+    /// `x-envoy-retry-on` for idempotent requests. 502, 503 and 504 together are Envoy's
+    /// `gateway-error`, which needs no `x-envoy-retriable-status-codes` header: one header
+    /// write fewer per request, and the costliest of them.
+    #[serde(skip)]
+    pub idempotent_retry_on: String,
+    /// The retriable codes `gateway-error` does not cover, as the
+    /// `x-envoy-retriable-status-codes` value; joined once at configure time.
     #[serde(skip)]
     pub status_codes_header: Option<String>,
     /// `grpc_retry_on` as the `x-envoy-retry-grpc-on` value.
@@ -111,19 +116,45 @@ pub struct RetryConfig {
 pub const GRPC_RETRY_CONDITIONS: [&str; 5] =
     ["cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable"];
 
+/// The statuses Envoy's `gateway-error` retry condition covers.
+const GATEWAY_ERRORS: [u16; 3] = [502, 503, 504];
+
 impl Default for RetryConfig {
     fn default() -> Self {
-        Self {
+        let mut retry = Self {
             enabled: true,
             max_retries: 10,
-            retriable_status_codes: vec![502, 503],
+            retriable_status_codes: GATEWAY_ERRORS.to_vec(),
             per_try_timeout_ms: None,
             budget: RetryBudgetConfig::default(),
             grpc_retry_on: vec!["cancelled".into(), "unavailable".into()],
             grpc_idempotent: false,
-            status_codes_header: Some("502,503".into()),
-            grpc_retry_on_header: Some("cancelled,unavailable".into()),
+            idempotent_retry_on: String::new(),
+            status_codes_header: None,
+            grpc_retry_on_header: None,
+        };
+        retry.derive_headers();
+        retry
+    }
+}
+
+impl RetryConfig {
+    /// The header values the configuration implies, computed once rather than per request.
+    fn derive_headers(&mut self) {
+        let codes = &self.retriable_status_codes;
+        let gateway_errors = GATEWAY_ERRORS.iter().all(|c| codes.contains(c));
+        let rest: Vec<String> =
+            codes.iter().filter(|c| !(gateway_errors && GATEWAY_ERRORS.contains(c))).map(u16::to_string).collect();
+        let mut retry_on = String::from(crate::decision::RETRY_ON_IDEMPOTENT_NO_CODES);
+        if gateway_errors {
+            retry_on.push_str(",gateway-error");
         }
+        if !rest.is_empty() {
+            retry_on.push_str(",retriable-status-codes");
+        }
+        self.idempotent_retry_on = retry_on;
+        self.status_codes_header = (!rest.is_empty()).then(|| rest.join(","));
+        self.grpc_retry_on_header = (!self.grpc_retry_on.is_empty()).then(|| self.grpc_retry_on.join(","));
     }
 }
 
@@ -235,11 +266,7 @@ impl Config {
         de.end().map_err(|e| ConfigError { field: ".".into(), message: e.to_string() })?;
         config.validate()?;
         let mut config = config;
-        let codes = &config.retry.retriable_status_codes;
-        config.retry.status_codes_header =
-            (!codes.is_empty()).then(|| codes.iter().map(u16::to_string).collect::<Vec<_>>().join(","));
-        let grpc = &config.retry.grpc_retry_on;
-        config.retry.grpc_retry_on_header = (!grpc.is_empty()).then(|| grpc.join(","));
+        config.retry.derive_headers();
         Ok(config)
     }
 
@@ -382,6 +409,29 @@ mod tests {
         assert_eq!(c.ok().map(|c| c.retry.grpc_retry_on_header), Some(None));
         let e = err(r#"{"retry":{"grpcRetryOn":["unavailable","5xx"]}}"#);
         assert_eq!(e.field, "retry.grpcRetryOn");
+    }
+
+    #[test]
+    fn gateway_errors_are_retried_without_a_status_codes_header() {
+        let retry_on = |json: &str| {
+            Config::parse(json.as_bytes()).map(|c| (c.retry.idempotent_retry_on, c.retry.status_codes_header)).ok()
+        };
+        let gateway_error = "connect-failure,refused-stream,reset,gateway-error";
+        assert_eq!(retry_on("{}"), Some((gateway_error.into(), None)));
+        assert_eq!(Config::default().retry.idempotent_retry_on, gateway_error);
+        assert_eq!(
+            retry_on(r#"{"retry":{"retriableStatusCodes":[504,500,503,502]}}"#),
+            Some((format!("{gateway_error},retriable-status-codes"), Some("500".into())))
+        );
+        // Not all three: the codes as given, no more.
+        assert_eq!(
+            retry_on(r#"{"retry":{"retriableStatusCodes":[502,503]}}"#),
+            Some(("connect-failure,refused-stream,reset,retriable-status-codes".into(), Some("502,503".into())))
+        );
+        assert_eq!(
+            retry_on(r#"{"retry":{"retriableStatusCodes":[]}}"#),
+            Some(("connect-failure,refused-stream,reset".into(), None))
+        );
     }
 
     #[test]

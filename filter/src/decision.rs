@@ -7,9 +7,9 @@ use crate::rng::Rng;
 
 /// Retry conditions that are safe whatever the method: the endpoint never saw the request.
 pub const RETRY_ON_UNSENT: &str = "connect-failure,refused-stream,reset-before-request";
-/// For idempotent methods a reset after sending, or a retriable status, is retried too.
-pub const RETRY_ON_IDEMPOTENT: &str = "connect-failure,refused-stream,reset,retriable-status-codes";
-const RETRY_ON_IDEMPOTENT_NO_CODES: &str = "connect-failure,refused-stream,reset";
+/// For idempotent methods a reset after sending is retried too, and so are the retriable
+/// statuses (`RetryConfig::idempotent_retry_on`).
+pub const RETRY_ON_IDEMPOTENT_NO_CODES: &str = "connect-failure,refused-stream,reset";
 
 /// Request facts the decision depends on.
 #[derive(Debug, Clone, Copy)]
@@ -29,7 +29,7 @@ pub struct RequestFacts<'a> {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPlan<'a> {
-    pub retry_on: &'static str,
+    pub retry_on: &'a str,
     pub max_retries: u32,
     /// `x-envoy-retriable-status-codes`, for idempotent requests.
     pub status_codes: Option<&'a str>,
@@ -108,11 +108,10 @@ pub fn decide<'c>(
                 per_try_timeout_ms: r.per_try_timeout_ms,
             });
         } else if is_idempotent(facts.method) {
-            let codes = r.status_codes_header.as_deref();
             decision.retry = Some(RetryPlan {
-                retry_on: if codes.is_some() { RETRY_ON_IDEMPOTENT } else { RETRY_ON_IDEMPOTENT_NO_CODES },
+                retry_on: &r.idempotent_retry_on,
                 max_retries,
-                status_codes: codes,
+                status_codes: r.status_codes_header.as_deref(),
                 grpc_retry_on: None,
                 per_try_timeout_ms: r.per_try_timeout_ms,
             });
@@ -208,9 +207,10 @@ mod tests {
         let defaults = Config::default();
         let d = decide(&defaults, &GET, &ClusterTable::default(), 0, 100, &mut Rng::new(1), &idle);
         let plan = d.retry.unwrap_or_else(|| unreachable!());
-        assert_eq!(plan.retry_on, RETRY_ON_IDEMPOTENT);
+        // 502, 503 and 504 as Envoy's `gateway-error`: no status codes header to write.
+        assert_eq!(plan.retry_on, "connect-failure,refused-stream,reset,gateway-error");
         assert_eq!(plan.max_retries, 10);
-        assert_eq!(plan.status_codes, Some("502,503"));
+        assert_eq!(plan.status_codes, None);
         assert!(d.steer.is_empty() && !d.fallback);
     }
 
@@ -221,7 +221,10 @@ mod tests {
         let d = decide(&defaults, &post, &ClusterTable::default(), 0, 100, &mut Rng::new(1), &idle);
         let plan = d.retry.unwrap_or_else(|| unreachable!());
         assert_eq!(plan.retry_on, RETRY_ON_UNSENT);
-        assert!(!plan.retry_on.split(',').any(|c| c == "reset" || c == "retriable-status-codes" || c == "5xx"));
+        assert!(!plan
+            .retry_on
+            .split(',')
+            .any(|c| matches!(c, "reset" | "retriable-status-codes" | "5xx" | "gateway-error")));
         assert_eq!(plan.status_codes, None);
         assert!(!is_idempotent("PATCH"));
     }

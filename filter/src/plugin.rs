@@ -22,7 +22,9 @@ use std::collections::{HashMap, HashSet};
 pub const TABLE_REFRESH_MS: u64 = 100;
 const MAX_CACHED_CLUSTERS: usize = 1024;
 const VM_SEQUENCE_KEY: &str = "churn-guard.v1.vm-sequence";
-const RETRY_HEADERS: [&str; 3] = ["x-envoy-retry-on", "x-envoy-retry-grpc-on", "x-envoy-max-retries"];
+const STATUS_CODES_HEADER: &str = "x-envoy-retriable-status-codes";
+const RETRY_HEADERS: [&str; 4] =
+    ["x-envoy-retry-on", "x-envoy-retry-grpc-on", "x-envoy-max-retries", STATUS_CODES_HEADER];
 pub const DEBUG_HEADER: &str = "x-churn-guard";
 /// How often the root context's tick runs: often enough to notice stalled requests early.
 pub const TICK_MS: u64 = 50;
@@ -715,7 +717,10 @@ impl<H: Host> Plugin<H> {
             let mut ok = self.set_header(request, "x-envoy-retry-on", Some(plan.retry_on))
                 && self.set_header(request, "x-envoy-max-retries", Some(&plan.max_retries.to_string()));
             if let Some(codes) = plan.status_codes {
-                ok &= self.set_header(request, "x-envoy-retriable-status-codes", Some(codes));
+                ok &= self.set_header(request, STATUS_CODES_HEADER, Some(codes));
+            } else if !self.config.trust_client_headers && self.host.header(request, STATUS_CODES_HEADER).is_some() {
+                // Envoy adds a client's codes to a route's own `retriable-status-codes`.
+                ok &= self.set_header(request, STATUS_CODES_HEADER, None);
             }
             // A gRPC call replayed on a status it may have run after: only on the configured
             // statuses, never on a client's.
@@ -983,9 +988,9 @@ mod tests {
         assert!(req.calm && req.cluster.is_none());
         p.on_response_headers(&mut req, true);
         finish(&p, &mut req, 200, 0, A, 1);
-        // The method; three retry headers written. No clock, no cluster, no shared data,
-        // nothing of the answer.
-        let expected: HashMap<&str, u32> = [("get_map_value", 1), ("set_map_value", 3)].into();
+        // The method, and a look for a client's status codes (absent: nothing copied); two
+        // retry headers written. No clock, no cluster, no shared data, nothing of the answer.
+        let expected: HashMap<&str, u32> = [("get_map_value", 2), ("set_map_value", 2)].into();
         assert_eq!(calls(&p), expected);
         let written = p.host().map(Map::RequestHeaders);
         assert!(written.iter().any(|(k, v)| k == "x-envoy-max-retries" && v == "10"), "{written:?}");
@@ -999,11 +1004,11 @@ mod tests {
         p.host().advance(1);
         p.host().reset_calls();
         served(&p, A);
-        // The clock once; the method; the route's cluster; three retry headers written; status
-        // and attempts of the finished request, but neither its flags (it was answered in
-        // full) nor where a success was served, just learnt.
+        // The clock once; the method and a look for a client's status codes; the route's
+        // cluster; two retry headers written; status and attempts of the finished request, but
+        // neither its flags (it was answered in full) nor where a success was served, just learnt.
         let expected: HashMap<&str, u32> =
-            [("get_current_time", 1), ("get_map_value", 1), ("get_property", 3), ("set_map_value", 3)].into();
+            [("get_current_time", 1), ("get_map_value", 2), ("get_property", 3), ("set_map_value", 2)].into();
         assert_eq!(calls(&p), expected);
     }
 
@@ -1428,11 +1433,12 @@ mod tests {
         p.host().map(Map::RequestHeaders).into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
     }
 
-    const CLIENT_RETRIES: [(&str, &str); 4] = [
+    const CLIENT_RETRIES: [(&str, &str); 5] = [
         (":method", "GET"),
         ("x-envoy-retry-on", "5xx"),
         ("x-envoy-max-retries", "50"),
         ("x-envoy-retry-grpc-on", "internal"),
+        (STATUS_CODES_HEADER, "500"),
     ];
 
     #[test]
@@ -1441,7 +1447,8 @@ mod tests {
         let p = plugin("{}");
         let _ = start(&p, &CLIENT_RETRIES);
         assert_eq!(sent(&p, "x-envoy-max-retries").as_deref(), Some("10"));
-        assert_eq!(sent(&p, "x-envoy-retry-on").as_deref(), Some(crate::decision::RETRY_ON_IDEMPOTENT));
+        assert_eq!(sent(&p, "x-envoy-retry-on").as_deref(), Some("connect-failure,refused-stream,reset,gateway-error"));
+        assert_eq!(sent(&p, STATUS_CODES_HEADER), None, "the client's codes were kept");
         // Budget spent: the client's are removed, not left to retry past it.
         let p = plugin(r#"{"retry":{"budget":{"ratio":0,"minRetriesPerSecond":0}}}"#);
         let _ = start(&p, &CLIENT_RETRIES);

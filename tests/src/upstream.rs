@@ -32,6 +32,8 @@ pub enum Mode {
     /// Reads the request and never answers, nor closes: a pod whose address vanished (its
     /// packets dropped) or whose process froze. Nothing fails; requests just wait.
     Silent = 4,
+    /// 504, as a pod whose own proxy lost its backend might.
+    GatewayTimeout = 5,
 }
 
 impl Mode {
@@ -41,6 +43,7 @@ impl Mode {
             2 => Mode::Unavailable,
             3 => Mode::UnavailableEveryOther,
             4 => Mode::Silent,
+            5 => Mode::GatewayTimeout,
             _ => Mode::Ok,
         }
     }
@@ -236,6 +239,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             Ok(response(StatusCode::OK, shared.body.clone().unwrap_or_else(|| Bytes::from(shared.name.clone()))))
         }
         Mode::Unavailable => Ok(response(StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(b"shutting down"))),
+        Mode::GatewayTimeout => Ok(response(StatusCode::GATEWAY_TIMEOUT, Bytes::from_static(b"backend timed out"))),
         // hyper closes the connection when the service fails.
         Mode::ResetAfterRequest => Err(Dropped),
         Mode::Silent => std::future::pending().await,

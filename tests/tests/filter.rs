@@ -82,6 +82,42 @@ async fn posts_are_retried_only_before_reaching_an_upstream() -> anyhow::Result<
     Ok(())
 }
 
+/// A pod answering 504 (its own proxy lost its backend): by default a GET is retried on another
+/// pod, as 502 and 503 are (Envoy's `gateway-error`); a POST is not replayed once the pod had
+/// it; and a configuration naming other codes retries those only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_errors_are_retried_for_idempotent_requests_by_default() -> anyhow::Result<()> {
+    let (a, b, sick) =
+        (Upstream::start("pod-a").await?, Upstream::start("pod-b").await?, Upstream::start("pod-504").await?);
+    sick.set_mode(Mode::GatewayTimeout);
+    let pods = [a.addr, b.addr, sick.addr];
+    let client = client();
+    let lab = Lab::start(GatewaySpec::default(), Some("{}"), &pods, &[]).await?;
+    for _ in 0..60 {
+        assert_eq!(client.get(lab.url("/")).send().await?.status(), 200, "a GET got the pod's 504");
+    }
+    assert!(sick.hits_for("GET") > 0, "the 504 pod was never picked, so nothing was shown");
+    let mut failed_posts = 0;
+    for _ in 0..60 {
+        if client.post(lab.url("/orders")).body("{}").send().await?.status() == 504 {
+            failed_posts += 1;
+        }
+    }
+    assert!(failed_posts > 0 && sick.hits_for("POST") == failed_posts, "a POST the pod answered was replayed");
+    drop(lab);
+
+    let lab =
+        Lab::start(GatewaySpec::default(), Some(r#"{"retry":{"retriableStatusCodes":[502,503]}}"#), &pods, &[]).await?;
+    let mut failed = 0;
+    for _ in 0..60 {
+        if client.get(lab.url("/")).send().await?.status() == 504 {
+            failed += 1;
+        }
+    }
+    assert!(failed > 0, "504 was retried although the configuration names 502 and 503 only");
+    Ok(())
+}
+
 /// Sends requests on fresh connections until every Envoy worker's VM reports `addr` ejected in
 /// the debug header (shared data at work), or `LIMIT` passes.
 async fn ejected_on_every_worker(lab: &Lab, addr: &str) -> anyhow::Result<bool> {
