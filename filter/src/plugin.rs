@@ -405,10 +405,11 @@ impl<H: Host> Plugin<H> {
     /// with as long to answer: a pod that vanished does not, a live one answers in time.
     fn sweep_stalled(&self, now_ms: u64) {
         let Some(watch) = &self.inflight else { return };
+        // A sweep is no trouble by itself: an overloaded gateway's slowest requests cross the
+        // thresholds too, and leaving the calm path there would raise its cost just when it has
+        // least to spare. What a sweep finds (a doubted endpoint, a probe that gets no answer)
+        // changes the table, and that ends the calm (`observe`).
         let stalled = watch.borrow_mut().stalled(now_ms);
-        if !stalled.is_empty() {
-            self.trouble(now_ms);
-        }
         let ttl = self.config.ejection.endpoint_ttl_ms;
         for s in stalled {
             // Where stalled requests were steered is where they most likely wait: doubted at
@@ -1101,7 +1102,7 @@ mod tests {
     }
 
     #[test]
-    fn a_calm_request_left_unanswered_has_its_cluster_read_and_swept_and_ends_the_calm() {
+    fn a_calm_request_left_unanswered_has_its_cluster_read_and_swept_and_a_silent_endpoint_ends_the_calm() {
         let p = calm_plugin(r#"{"endpointOverride":{"exploreRatio":0,"stallAfterMs":250}}"#);
         for a in [A, B] {
             served(&p, a); // full paths, one after each tick
@@ -1122,6 +1123,15 @@ mod tests {
         let probed: Vec<String> = p.host().dispatched.borrow().iter().filter_map(|(_, h)| override_target(h)).collect();
         assert_eq!(probed.len(), 2, "the cluster it waits at is swept: {probed:?}");
         assert_eq!(p.host().metric("stall_sweeps"), 1);
+        assert!(p.calm.borrow().is_calm(), "a slow request alone is no trouble");
+        // One endpoint answers its probe, the other does not: that one is doubted, and
+        // requests there are decided differently from now on, on every worker.
+        // The fake host's call tokens count from 1.
+        p.host().set_map(Map::ProbeResponseHeaders, &[(":status", "200")]);
+        p.on_probe_response(1);
+        assert!(p.calm.borrow().is_calm(), "an endpoint that answers is no trouble");
+        p.host().set_map(Map::ProbeResponseHeaders, &[]);
+        p.on_probe_response(2);
         assert!(!p.calm.borrow().is_calm());
         let next = get(&p);
         assert!(next.cluster.is_some() && next.watched.is_some(), "watched by cluster from now on");
