@@ -20,14 +20,23 @@ fuzz_target!(|data: &[u8]| {
     assert!(r.retriable_status_codes.iter().all(|c| (500..=599).contains(c)));
     assert!(r.budget.ratio.is_finite() && (0.0..=10.0).contains(&r.budget.ratio));
     assert!((1..=3_600).contains(&r.budget.window_seconds));
-    // The header value is the codes joined, and parses back to them.
-    match &r.status_codes_header {
-        None => assert!(r.retriable_status_codes.is_empty()),
-        Some(h) => {
-            let back: Vec<u16> = h.split(',').filter_map(|c| c.parse().ok()).collect();
-            assert_eq!(back, r.retriable_status_codes);
-        }
+    // What Envoy retries is the configured codes, no more: `gateway-error` (502, 503, 504) only
+    // when all three are configured, the header for the rest.
+    let mut retried: Vec<u16> = match &r.status_codes_header {
+        None => Vec::new(),
+        Some(h) => h.split(',').filter_map(|c| c.parse().ok()).collect(),
+    };
+    let conditions: Vec<&str> = r.idempotent_retry_on.split(',').collect();
+    if conditions.contains(&"gateway-error") {
+        retried.extend([502, 503, 504]);
     }
+    assert_eq!(conditions.contains(&"retriable-status-codes"), r.status_codes_header.is_some());
+    let mut configured = r.retriable_status_codes.clone();
+    retried.sort_unstable();
+    retried.dedup();
+    configured.sort_unstable();
+    configured.dedup();
+    assert_eq!(retried, configured);
     if let Some(o) = &config.endpoint_override {
         assert!(!o.header.is_empty() && (0.0..=1.0).contains(&o.explore_ratio));
     }
