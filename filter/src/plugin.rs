@@ -22,7 +22,10 @@ use std::collections::{HashMap, HashSet};
 pub const TABLE_REFRESH_MS: u64 = 100;
 const MAX_CACHED_CLUSTERS: usize = 1024;
 const VM_SEQUENCE_KEY: &str = "churn-guard.v1.vm-sequence";
+/// Headers that make a retry policy: a trusted client that sends one keeps its own.
+const RETRY_POLICY_HEADERS: [&str; 3] = ["x-envoy-retry-on", "x-envoy-retry-grpc-on", "x-envoy-max-retries"];
 const STATUS_CODES_HEADER: &str = "x-envoy-retriable-status-codes";
+/// Every retry header an untrusted client's request loses when the budget is spent.
 const RETRY_HEADERS: [&str; 4] =
     ["x-envoy-retry-on", "x-envoy-retry-grpc-on", "x-envoy-max-retries", STATUS_CODES_HEADER];
 pub const DEBUG_HEADER: &str = "x-churn-guard";
@@ -621,7 +624,8 @@ impl<H: Host> Plugin<H> {
             method,
             // A client's own retry headers count only where clients are trusted; elsewhere the
             // filter's budgeted policy replaces them (`write_retry_headers`).
-            has_retry_headers: self.config.trust_client_headers && RETRY_HEADERS.iter().any(|h| header(h).is_some()),
+            has_retry_headers: self.config.trust_client_headers
+                && RETRY_POLICY_HEADERS.iter().any(|h| header(h).is_some()),
             // Someone trusted steers this request already.
             has_override_header: self.config.trust_client_headers
                 && self.config.endpoint_override.as_ref().is_some_and(|o| header(&o.header).is_some()),
@@ -1477,6 +1481,11 @@ mod tests {
         assert_eq!(sent(&p, "x-envoy-max-retries").as_deref(), Some("50"));
         assert_eq!(sent(&p, "x-envoy-retry-on").as_deref(), Some("5xx"));
         assert_eq!(p.host().calls.borrow().get("set_map_value"), None);
+        // Status codes alone are no retry policy: the filter's applies, the trusted header is left.
+        let p = plugin(r#"{"trustClientHeaders":true}"#);
+        let _ = start(&p, &[(":method", "GET"), (STATUS_CODES_HEADER, "500")]);
+        assert_eq!(sent(&p, "x-envoy-max-retries").as_deref(), Some("10"));
+        assert_eq!(sent(&p, STATUS_CODES_HEADER).as_deref(), Some("500"));
     }
 
     fn override_target(headers: &[(String, String)]) -> Option<String> {
