@@ -5,10 +5,11 @@
 //! does not read its route's cluster, a shared table or anything of its answer, and it is
 //! decided as a request to a cluster with nothing known against it is. One request in
 //! `SAMPLE_EVERY`, and the first once the clock has moved on `SAMPLE_MS`, still takes the full
-//! path, so budgets and tables go on learning. A retry or failure seen there, an answer cut
-//! short or a stall ends the calm at once; so does a shared alarm that any worker raises when
-//! it meets trouble, and any shared table that would change a decision. Calm returns once
-//! nothing has gone wrong for `CALM_AFTER_MS`.
+//! path, so budgets and tables go on learning. A retry or failure seen there or an answer cut
+//! short ends the calm at once; so does a shared alarm that any worker raises when it meets
+//! trouble, and any shared table that would change a decision (a stall sweep that doubts an
+//! endpoint or finds one silent makes one; a sweep alone does not). Calm returns once nothing
+//! has gone wrong for `CALM_AFTER_MS`.
 
 /// How long after the last trouble a VM stays on the full path.
 pub const CALM_AFTER_MS: u64 = 10_000;
@@ -84,7 +85,8 @@ impl Calm {
     }
 
     /// Once in a while: `healthy` says whether every cluster's shared table would leave
-    /// requests undecided (nothing to steer, no fallback) and nothing is stalled. Calm returns
+    /// requests undecided (nothing to steer, no fallback) and no sweep is finding silent
+    /// endpoints. Calm returns
     /// once that holds and no trouble came for `CALM_AFTER_MS`; it ends if a table needs
     /// decisions again.
     pub fn settle(&mut self, now_ms: u64, healthy: bool) {

@@ -545,8 +545,8 @@ impl<H: Host> Plugin<H> {
     /// Gauges over every cluster with a table in shared data, not just those this VM has served
     /// (all VMs, including the main thread's, which serves none, then report the same figures);
     /// shared state of clusters nobody routed to for the TTL is removed, and so is this VM's own.
-    /// Returns whether every listed cluster's table would leave requests undecided, and no
-    /// request is stalled or explored away from: whether this VM may be calm.
+    /// Returns whether every listed cluster's table would leave requests undecided, no sweep
+    /// is finding silent endpoints and no exploration is paused: whether this VM may be calm.
     fn housekeeping(&self, now_ms: u64) -> bool {
         for batched in [&self.metrics.retries_added, &self.metrics.calm_requests] {
             self.inc(batched.id, batched.pending.replace(0));
