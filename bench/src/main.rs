@@ -48,7 +48,10 @@ enum Command {
         base: Variant,
         #[arg(long, value_enum)]
         other: Variant,
-        /// Pairs of slices.
+        /// Rounds, each on freshly started gateways.
+        #[arg(long, default_value_t = 1)]
+        rounds: usize,
+        /// Pairs of slices per round.
         #[arg(long, default_value_t = 10)]
         pairs: usize,
         /// Seconds per slice.
@@ -258,13 +261,17 @@ async fn run_interleaved(scenario: &Scenario, variants: &[Variant], rounds: usiz
         .collect())
 }
 
-/// Pairs of slices per comparison in `paired_costs` and `paired_latency`, and their lengths.
-const PAIRS: usize = 10;
-const PAIR_SLICE: Duration = Duration::from_secs(3);
+/// Rounds per comparison in `paired_costs` and `paired_latency` (each on freshly started
+/// gateways), pairs of slices per round, and their lengths.
+const ROUNDS: usize = 5;
+const PAIRS: usize = 4;
+const PAIR_SLICE: Duration = Duration::from_secs(2);
 const LATENCY_SLICE: Duration = Duration::from_secs(4);
 
-/// The configurations compared in S3c and S3d, each against the no-op filter on its gateway.
-const PAIRED: [(Variant, Variant); 4] = [
+/// The configurations compared in S3c and S3d, each against the no-op filter on its gateway;
+/// first the no-op against itself, whose distance from even is the method's own error.
+const PAIRED: [(Variant, Variant); 5] = [
+    (Variant::WasmNoop, Variant::WasmNoop),
     (Variant::WasmNoop, Variant::WasmRetryFloor),
     (Variant::WasmNoop, Variant::ChurnGuard),
     (Variant::WasmNoop, Variant::ChurnGuardOverride),
@@ -273,16 +280,20 @@ const PAIRED: [(Variant, Variant); 4] = [
 
 /// S3c: each churn-guard configuration and the no-op filter on the same gateway, both loaded at
 /// once in slices (`churn-lab compare --simultaneous`): the host's drift, which moves separate
-/// runs by more than the filter costs, then affects both alike.
+/// runs by more than the filter costs, then affects both alike; and in rounds on fresh
+/// processes, since one Envoy can outrun an identical one for its whole life.
 async fn paired_costs(scenario: &Scenario) -> anyhow::Result<String> {
     let Load::Closed { concurrency } = scenario.load else { anyhow::bail!("paired costs need a closed loop") };
     let mut md = format!(
         "\n## S3c the filter's own cost, paired\n\nEach configuration and the no-op filter on the same \
-         gateway, both loaded at once ({} clients each) for {PAIRS} slices of {} s; medians over the slices. \
+         gateway, both loaded at once ({} clients each) for {PAIRS} slices of {} s, in {ROUNDS} rounds each on \
+         freshly started gateways; medians over the slices. The no-op against itself shows the method's own \
+         error. \
          `wasm-retry-floor` makes only the host calls any filter that retries by request headers and learns \
          from every answer needs (the method; `x-envoy-retry-on` and `x-envoy-max-retries`; status and attempt \
          count); churn-guard's calm path reads no answer. \
-         Command: `churn-lab compare --other VARIANT --base BASE --simultaneous --pairs {PAIRS} --seconds {}`.\n\n\
+         Command: `churn-lab compare --other VARIANT --base BASE --simultaneous --rounds {ROUNDS} --pairs {PAIRS} \
+         --seconds {}`.\n\n\
          | configuration | against | throughput, side by side | ≥ 85% | Envoy CPU per request | the filter's own |\n\
          |---|---|---:|---|---:|---:|\n",
         concurrency / 2,
@@ -291,13 +302,19 @@ async fn paired_costs(scenario: &Scenario) -> anyhow::Result<String> {
     );
     for (base, other) in PAIRED {
         say(&format!("== S3c {} against {}", other.name(), base.name()));
-        let c = churn_lab::compare::compare(scenario, base, other, PAIRS, PAIR_SLICE, true).await?;
+        let c = churn_lab::compare::compare(scenario, base, other, ROUNDS, PAIRS, PAIR_SLICE, true).await?;
         let ratio = 100.0 * c.median_ratio();
         md.push_str(&format!(
             "| {} | {} | {ratio:.1}% | {} | {:.1} µs against {:.1} µs | {:+.1} µs ({:+.0}%) |\n",
             other.name(),
             base.name(),
-            if ratio >= 85.0 { "met" } else { "**missed**" },
+            if base == other {
+                "(error)"
+            } else if ratio >= 85.0 {
+                "met"
+            } else {
+                "**missed**"
+            },
             c.other.1.envoy_cpu_us_per_request(),
             c.base.1.envoy_cpu_us_per_request(),
             c.median_extra_cpu_us(),
@@ -315,10 +332,11 @@ async fn paired_latency(scenario: &Scenario) -> anyhow::Result<String> {
     let Load::Open { rate } = scenario.load else { anyhow::bail!("paired latency needs a fixed rate") };
     let mut md = format!(
         "\n## S3d latency at {rate} requests/s, paired\n\nEach configuration and the no-op filter on the same \
-         gateway, both loaded at once at {rate} requests/s each for {PAIRS} slices of {} s. p99 over all of a \
+         gateway, both loaded at once at {rate} requests/s each for {PAIRS} slices of {} s, in {ROUNDS} rounds \
+         each on freshly started gateways. p99 over all of a \
          configuration's slices, and the median of the slice-by-slice differences. \
-         Command: `churn-lab compare --other VARIANT --base BASE --rate {rate} --simultaneous --pairs {PAIRS} \
-         --seconds {}`.\n\n\
+         Command: `churn-lab compare --other VARIANT --base BASE --rate {rate} --simultaneous --rounds {ROUNDS} \
+         --pairs {PAIRS} --seconds {}`.\n\n\
          | configuration | against | p99 | added p99 | ≤ 0.1 ms | added p99, median of pairs | added p50 | Envoy CPU per request |\n\
          |---|---|---:|---:|---|---:|---:|---:|\n",
         LATENCY_SLICE.as_secs(),
@@ -326,7 +344,7 @@ async fn paired_latency(scenario: &Scenario) -> anyhow::Result<String> {
     );
     for (base, other) in PAIRED {
         say(&format!("== S3d {} against {}", other.name(), base.name()));
-        let c = churn_lab::compare::compare(scenario, base, other, PAIRS, LATENCY_SLICE, true).await?;
+        let c = churn_lab::compare::compare(scenario, base, other, ROUNDS, PAIRS, LATENCY_SLICE, true).await?;
         let (b, o) = (&c.base.1, &c.other.1);
         let added = o.p99_ms() - b.p99_ms();
         md.push_str(&format!(
@@ -335,7 +353,13 @@ async fn paired_latency(scenario: &Scenario) -> anyhow::Result<String> {
             base.name(),
             o.p99_ms(),
             b.p99_ms(),
-            if added <= 0.1 { "met" } else { "**missed**" },
+            if base == other {
+                "(error)"
+            } else if added <= 0.1 {
+                "met"
+            } else {
+                "**missed**"
+            },
             c.median_extra_p99_ms(),
             o.p50_ms() - b.p50_ms(),
             o.envoy_cpu_us_per_request(),
@@ -547,11 +571,19 @@ async fn run() -> anyhow::Result<()> {
                 print!("{md}");
                 Ok(())
             }
-            Command::Compare { base, other, pairs, seconds, concurrency, rate, simultaneous } => {
+            Command::Compare { base, other, rounds, pairs, seconds, concurrency, rate, simultaneous } => {
                 let load = rate.map_or(Load::Closed { concurrency }, |rate| Load::Open { rate });
                 let s = s3(load, "S3-compare");
-                let c = churn_lab::compare::compare(&s, base, other, pairs, Duration::from_secs(seconds), simultaneous)
-                    .await?;
+                let c = churn_lab::compare::compare(
+                    &s,
+                    base,
+                    other,
+                    rounds,
+                    pairs,
+                    Duration::from_secs(seconds),
+                    simultaneous,
+                )
+                .await?;
                 for (v, served) in [&c.base, &c.other] {
                     println!(
                         "{:<22} {:>9.0} ok/s  {:>7.1} µs Envoy CPU/request  p50 {:.2} ms  p99 {:.2} ms  ({} failed)",

@@ -310,8 +310,7 @@ pub fn targets(all: &[Summary]) -> String {
             let ratio = 100.0 * s.steady_rps / noop.steady_rps.max(1.0);
             let _ = writeln!(
                 out,
-                "- S3b {g}: throughput at saturation {ratio:.1}% of wasm-noop's ≥ 85%: {} (plain {:.0}/s, wasm-noop {:.0}/s, {g} {:.0}/s; Envoy CPU per request: plain {:.1} µs, wasm-noop {:.1} µs, {g} {:.1} µs, so the filter's own {:+.1} µs)",
-                verdict(ratio >= 85.0, format!("by {:.1} points", 85.0 - ratio)),
+                "- S3b {g}: throughput at saturation {ratio:.1}% of wasm-noop's, in separate runs (plain {:.0}/s, wasm-noop {:.0}/s, {g} {:.0}/s; Envoy CPU per request: plain {:.1} µs, wasm-noop {:.1} µs, {g} {:.1} µs, so the filter's own {:+.1} µs)",
                 plain.steady_rps,
                 noop.steady_rps,
                 s.steady_rps,
@@ -328,10 +327,9 @@ pub fn targets(all: &[Summary]) -> String {
             let added = s.p99_ms - noop.p99_ms;
             let _ = writeln!(
                 out,
-                "- S3a {g}: p99 at 500 requests/s {:.2} ms against wasm-noop's {:.2} ms, added {added:+.2} ms ≤ 0.1 ms: {}; p50 added {:+.2} ms; Envoy CPU per request {:.1} µs (wasm-noop {:.1} µs)",
+                "- S3a {g}: p99 at 500 requests/s {:.2} ms against wasm-noop's {:.2} ms in separate runs, added {added:+.2} ms; p50 added {:+.2} ms; Envoy CPU per request {:.1} µs (wasm-noop {:.1} µs)",
                 s.p99_ms,
                 noop.p99_ms,
-                verdict(added <= 0.1, format!("by {:.2} ms", added - 0.1)),
                 s.p50_ms - noop.p50_ms,
                 s.envoy_cpu_us.unwrap_or(0.0),
                 noop.envoy_cpu_us.unwrap_or(0.0),
@@ -340,7 +338,9 @@ pub fn targets(all: &[Summary]) -> String {
         out.push_str(
             "\n  Any proxy-wasm filter costs Envoy a share of its throughput (the no-op row); churn-guard's own \
              cost on top is mostly host calls for properties and headers on every request. Envoy runs with Wasm \
-             logs at info, as a production gateway does.\n\n",
+             logs at info, as a production gateway does. The 85% and 0.1 ms verdicts are S3c's and S3d's: \
+             separate runs compare two Envoy processes minutes apart, and two identical ones differ by up to \
+             10% in throughput for as long as they run.\n\n",
         );
     }
     if let Some(tuned) = find("S6", "builtin-tuned") {
