@@ -10,8 +10,9 @@ all: build
 setup:
 	@scripts/setup.sh
 
-# wasm-opt (binaryen) shrinks the module by about a sixth; the module works without it too.
-WASM_OPT_FLAGS := -Oz --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int --enable-mutable-globals
+# wasm-opt (binaryen) optimises the module further for speed and shrinks it by about an eighth;
+# the module works without it too.
+WASM_OPT_FLAGS := -O3 --enable-bulk-memory --enable-sign-ext --enable-nontrapping-float-to-int --enable-mutable-globals
 
 build: setup
 	$(CARGO) build -p churn-guard --target wasm32-wasip1 --release
