@@ -158,15 +158,10 @@ pub async fn compare(
         extra_p50_ms: Vec::new(),
     };
     for round in 0..rounds.max(1) {
-        let (lab_a, _service_a, lab_b, _service_b) = if round % 2 == 0 {
-            let (lab_a, service_a) = start_gateway(scenario, base, None, &deployment).await?;
-            let (lab_b, service_b) = start_gateway(scenario, other, None, &deployment).await?;
-            (lab_a, service_a, lab_b, service_b)
-        } else {
-            let (lab_b, service_b) = start_gateway(scenario, other, None, &deployment).await?;
-            let (lab_a, service_a) = start_gateway(scenario, base, None, &deployment).await?;
-            (lab_a, service_a, lab_b, service_b)
-        };
+        let odd = round % 2 == 1;
+        let first = start_gateway(scenario, if odd { other } else { base }, None, &deployment).await?;
+        let second = start_gateway(scenario, if odd { base } else { other }, None, &deployment).await?;
+        let ((lab_a, _service_a), (lab_b, _service_b)) = if odd { (second, first) } else { (first, second) };
         let gateways = [(lab_a.url("/"), lab_a.envoy.pid()), (lab_b.url("/"), lab_b.envoy.pid())];
         for (url, pid) in &gateways {
             slice(url, load, Duration::from_secs(2), *pid).await;

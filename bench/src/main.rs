@@ -278,6 +278,15 @@ const PAIRED: [(Variant, Variant); 5] = [
     (Variant::WasmNoopFallback, Variant::ChurnGuardFallback),
 ];
 
+/// A paired row's verdict; the no-op against itself has none, it shows the method's error.
+fn verdict_cell(base: Variant, other: Variant, met: bool) -> &'static str {
+    match (base == other, met) {
+        (true, _) => "(error)",
+        (false, true) => "met",
+        (false, false) => "**missed**",
+    }
+}
+
 /// S3c: each churn-guard configuration and the no-op filter on the same gateway, both loaded at
 /// once in slices (`churn-lab compare --simultaneous`): the host's drift, which moves separate
 /// runs by more than the filter costs, then affects both alike; and in rounds on fresh
@@ -308,13 +317,7 @@ async fn paired_costs(scenario: &Scenario) -> anyhow::Result<String> {
             "| {} | {} | {ratio:.1}% | {} | {:.1} µs against {:.1} µs | {:+.1} µs ({:+.0}%) |\n",
             other.name(),
             base.name(),
-            if base == other {
-                "(error)"
-            } else if ratio >= 85.0 {
-                "met"
-            } else {
-                "**missed**"
-            },
+            verdict_cell(base, other, ratio >= 85.0),
             c.other.1.envoy_cpu_us_per_request(),
             c.base.1.envoy_cpu_us_per_request(),
             c.median_extra_cpu_us(),
@@ -353,13 +356,7 @@ async fn paired_latency(scenario: &Scenario) -> anyhow::Result<String> {
             base.name(),
             o.p99_ms(),
             b.p99_ms(),
-            if base == other {
-                "(error)"
-            } else if added <= 0.1 {
-                "met"
-            } else {
-                "**missed**"
-            },
+            verdict_cell(base, other, added <= 0.1),
             c.median_extra_p99_ms(),
             o.p50_ms() - b.p50_ms(),
             o.envoy_cpu_us_per_request(),

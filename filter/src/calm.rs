@@ -86,9 +86,8 @@ impl Calm {
 
     /// Once in a while: `healthy` says whether every cluster's shared table would leave
     /// requests undecided (nothing to steer, no fallback) and no sweep is finding silent
-    /// endpoints. Calm returns
-    /// once that holds and no trouble came for `CALM_AFTER_MS`; it ends if a table needs
-    /// decisions again.
+    /// endpoints. Calm returns once that holds and no trouble came for `CALM_AFTER_MS`; it
+    /// ends if a table needs decisions again.
     pub fn settle(&mut self, now_ms: u64, healthy: bool) {
         let quiet_long = self.last_trouble_ms.is_none_or(|at| now_ms.saturating_sub(at) >= CALM_AFTER_MS);
         let calm = healthy && quiet_long;
